@@ -1,0 +1,68 @@
+"""sessionstore: per-key JSON documents in PostgreSQL under an exclusive session lock.
+
+A process ``load``s a key and owns it; it changes the data in memory with
+``update``; the library saves in the background, on ``save``, ``unload`` and
+``close``, with fenced writes a stale holder can never get past. See
+DESIGN.md §1 for the contract re-exported here.
+"""
+
+from __future__ import annotations
+
+from .errors import (
+    CorruptDataError,
+    InvalidDataError,
+    InvalidKeyError,
+    KeyNotLoadedError,
+    KeysChangedError,
+    LoadInProgressError,
+    LockLostError,
+    LockUnavailableError,
+    MigrationError,
+    SchemaValidationError,
+    SessionClosedError,
+    SessionStoreError,
+    StorageUnavailableError,
+    StoreCloseError,
+    StoreClosedError,
+    TransactionConflictError,
+    TransformError,
+    VersionNotFoundError,
+)
+from .files import VersionInfo
+from .frozen import FrozenDict, FrozenList, freeze, thaw
+from .migrations import MigrationStep, add_fields, transform
+from .store import SessionHandle, Store
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CorruptDataError",
+    "FrozenDict",
+    "FrozenList",
+    "InvalidDataError",
+    "InvalidKeyError",
+    "KeyNotLoadedError",
+    "KeysChangedError",
+    "LoadInProgressError",
+    "LockLostError",
+    "LockUnavailableError",
+    "MigrationError",
+    "MigrationStep",
+    "SchemaValidationError",
+    "SessionClosedError",
+    "SessionHandle",
+    "SessionStoreError",
+    "StorageUnavailableError",
+    "StoreCloseError",
+    "StoreClosedError",
+    "Store",
+    "TransactionConflictError",
+    "TransformError",
+    "VersionInfo",
+    "VersionNotFoundError",
+    "__version__",
+    "add_fields",
+    "freeze",
+    "thaw",
+    "transform",
+]

@@ -1,0 +1,131 @@
+"""Every exception sessionstore raises.
+
+Owns the exception hierarchy of DESIGN.md §1 and nothing else: all classes
+subclass :class:`SessionStoreError`; errors caused by bad input also subclass
+``ValueError`` or ``TypeError`` so generic handlers keep working.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+if sys.version_info >= (3, 11):  # pragma: no cover - depends on the interpreter
+    from builtins import ExceptionGroup
+else:  # pragma: no cover
+    from exceptiongroup import ExceptionGroup
+
+__all__ = [
+    "CorruptDataError",
+    "InvalidDataError",
+    "InvalidKeyError",
+    "KeyNotLoadedError",
+    "KeysChangedError",
+    "LoadInProgressError",
+    "LockLostError",
+    "LockUnavailableError",
+    "MigrationError",
+    "SchemaValidationError",
+    "SessionClosedError",
+    "SessionStoreError",
+    "StorageUnavailableError",
+    "StoreCloseError",
+    "StoreClosedError",
+    "TransactionConflictError",
+    "TransformError",
+    "VersionNotFoundError",
+]
+
+
+class SessionStoreError(Exception):
+    """Base class of every error raised by sessionstore."""
+
+
+class StoreClosedError(SessionStoreError):
+    """The store was closed; no call but ``close()`` is allowed any more."""
+
+
+class KeyNotLoadedError(SessionStoreError, LookupError):
+    """The key is not loaded by this store (``load(key)`` it first)."""
+
+
+class LoadInProgressError(SessionStoreError):
+    """``load(key)`` was called while another load of the same key is running."""
+
+
+class SessionClosedError(SessionStoreError):
+    """The key's session was closed (lease lost or handed over).
+
+    ``load(key)`` again reloads it from the database.
+    """
+
+
+class LockUnavailableError(SessionStoreError):
+    """``load`` could not get the key's lease within ``lock_timeout``."""
+
+
+class LockLostError(SessionStoreError):
+    """The lease was lost before the write; nothing was written."""
+
+
+class SchemaValidationError(SessionStoreError, ValueError):
+    """Data failed the store's schema; nothing changed."""
+
+
+class TransformError(SessionStoreError):
+    """A transform raised, returned the wrong type, or re-entered the store.
+
+    The original exception, if any, is chained as ``__cause__``; nothing changed.
+    """
+
+
+class TransactionConflictError(SessionStoreError):
+    """A key of this ``tx`` is already part of a running ``tx``."""
+
+
+class KeysChangedError(SessionStoreError, ValueError):
+    """A ``tx`` transform added or removed keys of its mapping; nothing changed."""
+
+
+class MigrationError(SessionStoreError):
+    """A migration step raised, or stored data carries migrations unknown here."""
+
+
+class VersionNotFoundError(SessionStoreError, LookupError):
+    """The requested version does not exist or was pruned."""
+
+
+class CorruptDataError(SessionStoreError):
+    """Stored bytes failed their checksum, lost a shard, or do not decode."""
+
+
+class StorageUnavailableError(SessionStoreError):
+    """The database stayed unreachable through every retry."""
+
+
+class InvalidKeyError(SessionStoreError, ValueError, TypeError):
+    """The key is not a str of 1..512 UTF-8 bytes without NUL."""
+
+
+class InvalidDataError(SessionStoreError, ValueError, TypeError):
+    """The data is not storable JSON (or is larger than ``max_document_size``)."""
+
+
+class StoreCloseError(ExceptionGroup, SessionStoreError):  # type: ignore[misc]
+    """``close()`` could not unload some keys; ``errors`` maps each key to its error.
+
+    An ``ExceptionGroup`` too, so ``except*`` can pick out the kinds.
+    """
+
+    errors: dict[str, Exception]
+
+    def __new__(cls, message: str, errors: dict[str, Exception]) -> StoreCloseError:
+        self = super().__new__(cls, message, list(errors.values()))
+        self.errors = dict(errors)
+        return self
+
+    def __init__(self, message: str, errors: dict[str, Exception]) -> None:
+        super().__init__(message, list(errors.values()))
+
+    def derive(self, excs: Sequence[Exception]) -> ExceptionGroup[Exception]:
+        return ExceptionGroup(self.message, list(excs))

@@ -1,0 +1,401 @@
+"""Files: how a document's bytes are stored, written (fenced) and read back.
+
+Owns the ``versions`` and ``shards`` tables. A save is a *file*: the
+document's JSON, zstd-compressed above a size threshold, with its raw size
+and a CRC-32 of the stored bytes, kept inline in the version row or split
+across shard rows when large. :func:`write_versions` is the one fenced write
+of the package: a single statement that row-locks each key's lease row (in
+key order), checks holder, token and expiry on the database clock, and only
+then inserts the versions, their shards and, on a key's first save, its
+record. The newest version of a key is its current data.
+"""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+import zstandard
+
+from .errors import CorruptDataError
+
+__all__ = [
+    "CODEC_RAW",
+    "CODEC_ZSTD",
+    "EncodedFile",
+    "FileSettings",
+    "StoredVersion",
+    "VersionInfo",
+    "WriteItem",
+    "WriteResult",
+    "decode_file",
+    "encode_file",
+    "list_versions",
+    "read_version",
+    "write_versions",
+]
+
+CODEC_RAW = 0
+CODEC_ZSTD = 1
+
+
+@dataclass(frozen=True)
+class FileSettings:
+    """Encoding knobs of a Store (see ``Store(...)`` for their meaning)."""
+
+    compression_level: int = 3
+    compress_threshold: int = 1024
+    inline_threshold: int = 256 * 1024
+    shard_size: int = 1024 * 1024
+    threaded_compression_threshold: int = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class EncodedFile:
+    codec: int
+    raw_size: int
+    stored_size: int
+    checksum: int
+    inline: bytes | None
+    shards: list[bytes]
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One saved version of a key, as listed by ``Store.list_versions``."""
+
+    version: int
+    created_at: datetime
+    size: int
+    """Raw JSON size in bytes."""
+    stored_size: int
+    """Bytes on disk after compression."""
+    migrations: tuple[str, ...]
+    token: int
+    """Fencing token of the lease that wrote it."""
+    codec: str
+    shard_count: int
+
+
+@dataclass(frozen=True)
+class StoredVersion:
+    info: VersionInfo
+    raw: bytes
+    """The document's JSON bytes, checksum verified."""
+
+
+@dataclass
+class WriteItem:
+    """One key's new version for :func:`write_versions`."""
+
+    key: str
+    token: int
+    version: int
+    file: EncodedFile
+    migrations: Sequence[str]
+    new_record: bool
+
+
+@dataclass
+class WriteResult:
+    written: set[str] = field(default_factory=set)
+    """Keys whose version is now in the database."""
+    lost: set[str] = field(default_factory=set)
+    """Keys whose lease failed the fence: nothing was written for them."""
+
+
+_local = threading.local()
+
+
+def _compressor(level: int, threads: int) -> zstandard.ZstdCompressor:
+    cache: dict[tuple[int, int], zstandard.ZstdCompressor] | None = getattr(_local, "cctx", None)
+    if cache is None:
+        cache = _local.cctx = {}
+    cctx = cache.get((level, threads))
+    if cctx is None:
+        cctx = cache[(level, threads)] = zstandard.ZstdCompressor(level=level, threads=threads)
+    return cctx
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    dctx: zstandard.ZstdDecompressor | None = getattr(_local, "dctx", None)
+    if dctx is None:
+        dctx = _local.dctx = zstandard.ZstdDecompressor()
+    return dctx
+
+
+def encode_file(raw: bytes, settings: FileSettings) -> EncodedFile:
+    """Compress (when worth it), checksum and, if large, split a document's JSON bytes."""
+    if len(raw) >= settings.compress_threshold:
+        threads = -1 if len(raw) >= settings.threaded_compression_threshold else 0
+        stored = _compressor(settings.compression_level, threads).compress(raw)
+        codec = CODEC_ZSTD
+    else:
+        stored, codec = raw, CODEC_RAW
+    checksum = zlib.crc32(stored)
+    if len(stored) <= settings.inline_threshold:
+        return EncodedFile(codec, len(raw), len(stored), checksum, stored, [])
+    view = memoryview(stored)
+    size = settings.shard_size
+    shards = [bytes(view[start : start + size]) for start in range(0, len(stored), size)]
+    return EncodedFile(codec, len(raw), len(stored), checksum, None, shards)
+
+
+def decode_file(
+    codec: int,
+    raw_size: int,
+    checksum: int,
+    shard_count: int,
+    inline: bytes | None,
+    shards: Sequence[bytes] | None,
+    context: str,
+) -> bytes:
+    """Reassemble, verify and decompress stored bytes; :class:`CorruptDataError` if damaged."""
+    if shard_count:
+        found = len(shards or ())
+        if found != shard_count:
+            raise CorruptDataError(f"{context}: {shard_count - found} of {shard_count} shards missing")
+        stored = b"".join(shards or ())
+    elif inline is None:
+        raise CorruptDataError(f"{context}: version has neither inline bytes nor shards")
+    else:
+        stored = bytes(inline)
+    if zlib.crc32(stored) != checksum:
+        raise CorruptDataError(f"{context}: checksum mismatch")
+    if codec == CODEC_RAW:
+        raw = stored
+    elif codec == CODEC_ZSTD:
+        try:
+            raw = _decompressor().decompress(stored, max_output_size=raw_size)
+        except zstandard.ZstdError as exc:
+            raise CorruptDataError(f"{context}: zstd data does not decode: {exc}") from exc
+    else:
+        raise CorruptDataError(f"{context}: unknown codec {codec}")
+    if len(raw) != raw_size:
+        raise CorruptDataError(f"{context}: decoded {len(raw)} bytes, expected {raw_size}")
+    return raw
+
+
+_CODEC_NAMES = {CODEC_RAW: "raw", CODEC_ZSTD: "zstd"}
+
+
+def _info(row: Any) -> VersionInfo:
+    return VersionInfo(
+        version=row.version,
+        created_at=row.created_at,
+        size=row.raw_size,
+        stored_size=row.stored_size,
+        migrations=tuple(row.migrations),
+        token=row.token,
+        codec=_CODEC_NAMES.get(row.codec, str(row.codec)),
+        shard_count=row.shard_count,
+    )
+
+
+class _Statements:
+    """The SQL of this module for one (validated) schema name."""
+
+    def __init__(self, schema: str) -> None:
+        s = f'"{schema}"'
+        self.write = sa.text(f"""
+WITH input AS (
+    SELECT * FROM unnest(
+        CAST(:keys AS text[]), CAST(:tokens AS bigint[]), CAST(:versions AS bigint[]),
+        CAST(:codecs AS smallint[]), CAST(:raw_sizes AS bigint[]), CAST(:stored_sizes AS bigint[]),
+        CAST(:checksums AS bigint[]), CAST(:shard_counts AS integer[]), CAST(:inlines AS bytea[]),
+        CAST(:migrations AS jsonb[]), CAST(:new_records AS boolean[])
+    ) AS t(key, token, version, codec, raw_size, stored_size, checksum, shard_count, inline,
+           migrations, new_record)
+), lease AS (
+    SELECT l.key FROM {s}.locks l JOIN input i ON l.key = i.key AND l.token = i.token
+    WHERE l.store = :store AND l.holder = :holder AND l.expires_at > clock_timestamp()
+    ORDER BY l.key
+    FOR UPDATE OF l
+), go AS (
+    SELECT i.* FROM input i JOIN lease USING (key)
+    WHERE NOT CAST(:atomic AS boolean)
+       OR (SELECT count(*) FROM lease) = cardinality(CAST(:keys AS text[]))
+), rec AS (
+    INSERT INTO {s}.records (store, key)
+    SELECT :store, key FROM go WHERE new_record
+    ON CONFLICT DO NOTHING
+), ver AS (
+    INSERT INTO {s}.versions (store, key, version, holder, token, codec, raw_size, stored_size,
+                              checksum, shard_count, inline, migrations)
+    SELECT :store, key, version, :holder, token, codec, raw_size, stored_size, checksum,
+           shard_count, inline, migrations
+    FROM go
+    ON CONFLICT DO NOTHING
+    RETURNING key
+), sh AS (
+    INSERT INTO {s}.shards (store, key, version, idx, data)
+    SELECT :store, p.key, p.version, p.idx, p.data
+    FROM unnest(CAST(:shard_keys AS text[]), CAST(:shard_versions AS bigint[]),
+                CAST(:shard_idx AS integer[]), CAST(:shard_data AS bytea[])) AS p(key, version, idx, data)
+    JOIN ver USING (key)
+)
+SELECT i.key,
+       EXISTS (SELECT 1 FROM lease WHERE lease.key = i.key) AS leased,
+       EXISTS (SELECT 1 FROM ver WHERE ver.key = i.key) AS written,
+       EXISTS (SELECT 1 FROM {s}.versions v
+               WHERE v.store = :store AND v.key = i.key AND v.version = i.version
+                 AND v.holder = :holder AND v.token = i.token) AS already
+FROM input i
+""")
+        columns = (
+            "v.version, v.created_at, v.codec, v.raw_size, v.stored_size, v.checksum, "
+            "v.shard_count, v.migrations, v.token"
+        )
+        shards = (
+            f"CASE WHEN v.shard_count > 0 THEN ARRAY(SELECT s.data FROM {s}.shards s "
+            "WHERE s.store = v.store AND s.key = v.key AND s.version = v.version "
+            "ORDER BY s.idx) END AS shards"
+        )
+        self.read_newest = sa.text(
+            f"SELECT {columns}, v.inline, {shards} FROM {s}.versions v "
+            "WHERE v.store = :store AND v.key = :key ORDER BY v.version DESC LIMIT 1"
+        )
+        self.read_version = sa.text(
+            f"SELECT {columns}, v.inline, {shards} FROM {s}.versions v "
+            "WHERE v.store = :store AND v.key = :key AND v.version = :version"
+        )
+        where = (
+            "WHERE v.store = :store AND v.key = :key "
+            "AND (CAST(:since AS timestamptz) IS NULL OR v.created_at >= :since) "
+            "AND (CAST(:until AS timestamptz) IS NULL OR v.created_at < :until)"
+        )
+        self.list_desc = sa.text(
+            f"SELECT {columns} FROM {s}.versions v {where} ORDER BY v.version DESC LIMIT :limit"
+        )
+        self.list_asc = sa.text(
+            f"SELECT {columns} FROM {s}.versions v {where} ORDER BY v.version ASC LIMIT :limit"
+        )
+        self.erase = sa.text(f"""
+WITH lease AS (
+    SELECT key FROM {s}.locks
+    WHERE store = :store AND key = :key AND holder = :holder AND token = :token
+      AND expires_at > clock_timestamp()
+    FOR UPDATE
+), rec AS (
+    DELETE FROM {s}.records WHERE store = :store AND key IN (SELECT key FROM lease)
+), ver AS (
+    DELETE FROM {s}.versions WHERE store = :store AND key IN (SELECT key FROM lease)
+)
+DELETE FROM {s}.locks WHERE store = :store AND key IN (SELECT key FROM lease) RETURNING key
+""")
+
+
+_statements: dict[str, _Statements] = {}
+
+
+def statements(schema: str) -> _Statements:
+    found = _statements.get(schema)
+    if found is None:
+        found = _statements[schema] = _Statements(schema)
+    return found
+
+
+def write_versions(
+    conn: sa.Connection,
+    schema: str,
+    store: str,
+    holder: str,
+    items: Sequence[WriteItem],
+    *,
+    atomic: bool,
+) -> WriteResult:
+    """The fenced write: insert each item's version if its lease still holds.
+
+    With ``atomic`` every item is written or none is (a ``tx``); otherwise each
+    key stands alone (a batch of saves). Keys are locked in key order, so
+    concurrent writers over overlapping keys cannot deadlock. A version that
+    an earlier attempt of this same write already committed (the connection
+    dropped before the answer) counts as written.
+    """
+    shard_keys: list[str] = []
+    shard_versions: list[int] = []
+    shard_idx: list[int] = []
+    shard_data: list[bytes] = []
+    for item in items:
+        for index, chunk in enumerate(item.file.shards):
+            shard_keys.append(item.key)
+            shard_versions.append(item.version)
+            shard_idx.append(index)
+            shard_data.append(chunk)
+    params = {
+        "store": store,
+        "holder": holder,
+        "atomic": atomic,
+        "keys": [item.key for item in items],
+        "tokens": [item.token for item in items],
+        "versions": [item.version for item in items],
+        "codecs": [item.file.codec for item in items],
+        "raw_sizes": [item.file.raw_size for item in items],
+        "stored_sizes": [item.file.stored_size for item in items],
+        "checksums": [item.file.checksum for item in items],
+        "shard_counts": [len(item.file.shards) for item in items],
+        "inlines": [item.file.inline for item in items],
+        "migrations": [orjson.dumps(list(item.migrations)).decode() for item in items],
+        "new_records": [item.new_record for item in items],
+        "shard_keys": shard_keys,
+        "shard_versions": shard_versions,
+        "shard_idx": shard_idx,
+        "shard_data": shard_data,
+    }
+    result = WriteResult()
+    for row in conn.execute(statements(schema).write, params):
+        if row.written or row.already:
+            result.written.add(row.key)
+        elif not row.leased:
+            result.lost.add(row.key)
+    return result
+
+
+def _stored(row: Any, context: str) -> StoredVersion:
+    raw = decode_file(
+        row.codec, row.raw_size, row.checksum, row.shard_count, row.inline, row.shards, context
+    )
+    return StoredVersion(_info(row), raw)
+
+
+def read_version(
+    conn: sa.Connection, schema: str, store: str, key: str, version: int | None
+) -> StoredVersion | None:
+    """The newest version of ``key`` (``version=None``) or the given one; None if absent."""
+    sql = statements(schema)
+    if version is None:
+        row = conn.execute(sql.read_newest, {"store": store, "key": key}).first()
+    else:
+        row = conn.execute(sql.read_version, {"store": store, "key": key, "version": version}).first()
+    if row is None:
+        return None
+    return _stored(row, f"store {store!r} key {key!r} version {row.version}")
+
+
+def list_versions(
+    conn: sa.Connection,
+    schema: str,
+    store: str,
+    key: str,
+    *,
+    newest_first: bool,
+    since: datetime | None,
+    until: datetime | None,
+    limit: int,
+) -> list[VersionInfo]:
+    sql = statements(schema)
+    stmt = sql.list_desc if newest_first else sql.list_asc
+    params = {"store": store, "key": key, "since": since, "until": until, "limit": limit}
+    return [_info(row) for row in conn.execute(stmt, params)]
+
+
+def erase_key(conn: sa.Connection, schema: str, store: str, key: str, holder: str, token: int) -> bool:
+    """Delete the key's record, versions, shards and lease in one statement, if the lease holds."""
+    params = {"store": store, "key": key, "holder": holder, "token": token}
+    return conn.execute(statements(schema).erase, params).first() is not None

@@ -1,0 +1,197 @@
+"""Read-only JSON data, and the checks that make data JSON.
+
+Owns what a document may contain (DESIGN.md §1: dict with str keys, list,
+str, 64-bit int, finite float, bool, None) and its frozen form.
+:func:`freeze` validates and freezes in one walk; :func:`thaw` gives back
+plain, mutable containers; :func:`encode`/:func:`decode` are the one JSON
+codec of the package (orjson). Keys are validated here too.
+
+Frozen containers subclass ``dict`` and ``list``: they compare equal to plain
+ones and serialise like them (``json``, ``orjson``), but every mutating
+method raises ``TypeError``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NoReturn
+
+import orjson
+
+from .errors import InvalidDataError, InvalidKeyError
+
+__all__ = [
+    "MAX_KEY_BYTES",
+    "FrozenDict",
+    "FrozenList",
+    "JSON",
+    "check_key",
+    "decode",
+    "encode",
+    "freeze",
+    "thaw",
+]
+
+JSON = Any
+"""A JSON value: dict, list, str, int, float, bool or None."""
+
+MAX_KEY_BYTES = 512
+_INT_MIN = -(2**63)
+_INT_MAX = 2**63 - 1
+
+
+def _read_only(self: object, *args: object, **kwargs: object) -> NoReturn:
+    raise TypeError(f"{type(self).__name__} is read-only: change data inside update()")
+
+
+class FrozenDict(dict[str, Any]):
+    """A read-only ``dict``; ``thaw()`` or ``dict(...)`` gives a mutable copy."""
+
+    __slots__ = ()
+
+    __setitem__ = _read_only
+    __delitem__ = _read_only
+    __ior__ = _read_only
+    clear = _read_only
+    pop = _read_only
+    popitem = _read_only
+    setdefault = _read_only
+    update = _read_only
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(frozenset(self.items()))
+
+    def __copy__(self) -> FrozenDict:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FrozenDict:
+        return self
+
+    def __reduce__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        return (_make_frozen_dict, (dict(self),))
+
+    def __repr__(self) -> str:
+        return f"FrozenDict({dict.__repr__(self)})"
+
+
+class FrozenList(list[Any]):
+    """A read-only ``list``; ``thaw()`` or ``list(...)`` gives a mutable copy."""
+
+    __slots__ = ()
+
+    __setitem__ = _read_only
+    __delitem__ = _read_only
+    __iadd__ = _read_only
+    __imul__ = _read_only
+    append = _read_only
+    clear = _read_only
+    extend = _read_only
+    insert = _read_only
+    pop = _read_only
+    remove = _read_only
+    reverse = _read_only
+    sort = _read_only
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(self))
+
+    def __copy__(self) -> FrozenList:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FrozenList:
+        return self
+
+    def __reduce__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        return (FrozenList, (list(self),))
+
+    def __repr__(self) -> str:
+        return f"FrozenList({list.__repr__(self)})"
+
+
+def _make_frozen_dict(items: Mapping[str, Any]) -> FrozenDict:
+    frozen = FrozenDict()
+    dict.update(frozen, items)
+    return frozen
+
+
+def _frozen_list(items: Iterable[Any]) -> FrozenList:
+    frozen = FrozenList()
+    list.extend(frozen, items)
+    return frozen
+
+
+def _bad(path: str, why: str) -> NoReturn:
+    raise InvalidDataError(f"data at {path or '$'} is not JSON: {why}")
+
+
+def freeze(value: Any, path: str = "") -> Any:
+    """Check that ``value`` is JSON and return it deeply frozen.
+
+    Already-frozen subtrees are checked and shared, not copied twice. Raises
+    :class:`InvalidDataError` naming the path of the first offending value.
+    """
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return value
+    if kind is int:
+        if _INT_MIN <= value <= _INT_MAX:
+            return value
+        _bad(path, f"integer {value} does not fit in 64 bits")
+    if kind is float:
+        if math.isfinite(value):
+            return value
+        _bad(path, f"float {value} is not finite")
+    if kind is dict or kind is FrozenDict:
+        frozen = FrozenDict()
+        items = {}
+        for name, item in value.items():
+            if type(name) is not str:
+                _bad(path, f"dict key {name!r} is {type(name).__name__}, not str")
+            items[name] = freeze(item, f"{path}.{name}")
+        dict.update(frozen, items)
+        return frozen
+    if kind is list or kind is FrozenList or kind is tuple:
+        return _frozen_list(freeze(item, f"{path}[{index}]") for index, item in enumerate(value))
+    _bad(path, f"{kind.__name__} is not a JSON type")
+
+
+def thaw(value: Any) -> Any:
+    """Return a deep, plain, mutable copy of JSON data (frozen or not)."""
+    kind = type(value)
+    if kind is dict or kind is FrozenDict:
+        return {name: thaw(item) for name, item in value.items()}
+    if kind is list or kind is FrozenList or kind is tuple:
+        return [thaw(item) for item in value]
+    return value
+
+
+def encode(value: Any) -> bytes:
+    """Serialise JSON data (frozen or plain) to compact UTF-8 JSON bytes."""
+    try:
+        return orjson.dumps(value)
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise InvalidDataError(f"data is not JSON: {exc}") from exc
+
+
+def decode(raw: bytes | bytearray | memoryview | str) -> Any:
+    """Parse JSON bytes into plain, mutable containers."""
+    return orjson.loads(raw)
+
+
+def check_key(key: object) -> str:
+    """Return ``key`` if it is a valid document key, else raise :class:`InvalidKeyError`."""
+    if type(key) is not str:
+        raise InvalidKeyError(f"key must be str, not {type(key).__name__}")
+    if not key:
+        raise InvalidKeyError("key must not be empty")
+    if "\x00" in key:
+        raise InvalidKeyError(f"key {key!r} contains NUL")
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError as exc:  # lone surrogates
+        raise InvalidKeyError(f"key {key!r} is not valid UTF-8") from exc
+    if size > MAX_KEY_BYTES:
+        raise InvalidKeyError(f"key is {size} bytes of UTF-8; the limit is {MAX_KEY_BYTES}")
+    return key
+

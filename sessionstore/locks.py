@@ -1,0 +1,142 @@
+"""Locks: the lease rows that give one holder exclusive use of a key.
+
+Owns the ``locks`` table and the statements on it. A lease row carries the
+holder id, a fencing token drawn from a global sequence (so it only ever
+grows, for every key, even across release and erase), and ``expires_at`` on
+the database clock (``clock_timestamp()``: ``now()`` is frozen at the start
+of a transaction). Statements that lock several lease rows lock them in key
+order so they can never deadlock each other. The fence itself, the check
+that makes a write conditional on the lease, is part of the write in
+:mod:`sessionstore.files`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+import sqlalchemy as sa
+
+__all__ = ["LeaseInfo", "LeaseStatements", "lease_statements"]
+
+
+@dataclass(frozen=True)
+class LeaseInfo:
+    """Who holds a key, as stored in its lease row."""
+
+    holder: str
+    token: int
+    expires_at: datetime
+    active: bool
+    host: str
+    pid: int
+
+
+class LeaseStatements:
+    """The lease SQL of one (validated) schema name."""
+
+    def __init__(self, schema: str) -> None:
+        s = f'"{schema}"'
+        # Take the row if it is free (no row), expired, or already ours (a
+        # session we closed locally after losing track of it); a new token
+        # fences whatever the previous owner still has in flight.
+        self.acquire = sa.text(f"""
+INSERT INTO {s}.locks AS l (store, key, holder, token, acquired_at, expires_at, host, pid)
+VALUES (:store, :key, :holder, nextval('{s}.lease_tokens'), clock_timestamp(),
+        clock_timestamp() + make_interval(secs => :duration), :host, :pid)
+ON CONFLICT (store, key) DO UPDATE
+    SET holder = excluded.holder, token = excluded.token, acquired_at = excluded.acquired_at,
+        expires_at = excluded.expires_at, host = excluded.host, pid = excluded.pid
+    WHERE l.expires_at <= clock_timestamp() OR l.holder = excluded.holder
+RETURNING token
+""")
+        self.renew = sa.text(f"""
+UPDATE {s}.locks l SET expires_at = clock_timestamp() + make_interval(secs => :duration)
+FROM (
+    SELECT key FROM {s}.locks
+    WHERE store = :store AND holder = :holder AND expires_at > clock_timestamp()
+    ORDER BY key
+    FOR UPDATE
+) mine
+WHERE l.store = :store AND l.key = mine.key
+RETURNING l.key, l.token
+""")
+        self.release = sa.text(f"""
+DELETE FROM {s}.locks l
+USING (
+    SELECT key FROM {s}.locks
+    WHERE store = :store AND holder = :holder
+      AND (key, token) IN (SELECT * FROM unnest(CAST(:keys AS text[]), CAST(:tokens AS bigint[])))
+    ORDER BY key
+    FOR UPDATE
+) mine
+WHERE l.store = :store AND l.key = mine.key
+""")
+        self.info = sa.text(
+            f"SELECT holder, token, expires_at, expires_at > clock_timestamp() AS active, host, pid "
+            f"FROM {s}.locks WHERE store = :store AND key = :key"
+        )
+
+
+_cache: dict[str, LeaseStatements] = {}
+
+
+def lease_statements(schema: str) -> LeaseStatements:
+    found = _cache.get(schema)
+    if found is None:
+        found = _cache[schema] = LeaseStatements(schema)
+    return found
+
+
+HOST = socket.gethostname()
+
+
+def acquire(
+    conn: sa.Connection, schema: str, store: str, key: str, holder: str, duration: float
+) -> int | None:
+    """Take the key's lease if it is free or expired; the new fencing token, or None."""
+    params = {
+        "store": store,
+        "key": key,
+        "holder": holder,
+        "duration": duration,
+        "host": HOST,
+        "pid": os.getpid(),
+    }
+    token: int | None = conn.execute(lease_statements(schema).acquire, params).scalar()
+    return token
+
+
+def renew(
+    conn: sa.Connection, schema: str, store: str, holder: str, duration: float
+) -> dict[str, int]:
+    """Extend every live lease of ``holder``; returns what was renewed, ``{key: token}``."""
+    params = {"store": store, "holder": holder, "duration": duration}
+    return {row.key: row.token for row in conn.execute(lease_statements(schema).renew, params)}
+
+
+def release(
+    conn: sa.Connection, schema: str, store: str, holder: str, leases: Iterable[tuple[str, int]]
+) -> None:
+    """Drop the given ``(key, token)`` leases of ``holder`` (ones already lost are skipped)."""
+    pairs = sorted(leases)
+    if not pairs:
+        return
+    params = {
+        "store": store,
+        "holder": holder,
+        "keys": [key for key, _ in pairs],
+        "tokens": [token for _, token in pairs],
+    }
+    conn.execute(lease_statements(schema).release, params)
+
+
+def info(conn: sa.Connection, schema: str, store: str, key: str) -> LeaseInfo | None:
+    """The key's lease row, live or expired, or None if nobody holds it."""
+    row = conn.execute(lease_statements(schema).info, {"store": store, "key": key}).first()
+    if row is None:
+        return None
+    return LeaseInfo(str(row.holder), row.token, row.expires_at, row.active, row.host, row.pid)

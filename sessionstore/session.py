@@ -1,0 +1,274 @@
+"""Session: one loaded key's in-memory state and the transforms that change it.
+
+Owns what a process knows about a key it holds: the frozen current data and
+its encoded JSON, the lease token, the newest version written, the names of
+applied migrations, and whether there are unsaved changes (a change counter
+against a saved counter). It runs ``update`` and ``update_immutable``
+entirely in memory under the session's condition lock, so transforms of one
+key are serialised and see each other's results. Saving, unloading and
+transactions are driven by the Store; they take the session's FIFO turn
+(:class:`~sessionstore.queue.KeyQueue`) and use :meth:`Session.snapshot` /
+:meth:`Session.mark_saved`. No I/O happens here.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import InvalidDataError, SessionClosedError, TransformError
+from .frozen import decode, encode, freeze
+from .queue import KeyQueue
+from .schema import Validator
+
+__all__ = ["Rules", "Session", "Snapshot", "in_transform", "transform_guard"]
+
+_local = threading.local()
+
+
+def in_transform() -> bool:
+    """True while this thread runs a user transform (re-entry must be refused)."""
+    return getattr(_local, "depth", 0) > 0
+
+
+@contextmanager
+def transform_guard() -> Iterator[None]:
+    """Mark this thread as running a user transform."""
+    _local.depth = getattr(_local, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _local.depth -= 1
+
+
+def run_transform(fn: Callable[..., Any], argument: Any, context: str) -> Any:
+    """Call a user transform; anything it raises becomes :class:`TransformError`."""
+    with transform_guard():
+        try:
+            return fn(argument)
+        except TransformError:
+            raise
+        except Exception as exc:
+            raise TransformError(f"{context}: transform raised {exc!r}") from exc
+
+
+@dataclass(frozen=True)
+class Rules:
+    """What every change of a store's documents must satisfy."""
+
+    store: str
+    validator: Validator
+    max_document_size: int
+
+    def prepare(self, value: Any) -> tuple[Any, bytes]:
+        """Check that new data is JSON and freeze and encode it; ``(frozen, json bytes)``."""
+        frozen = freeze(value)
+        return frozen, encode(frozen)
+
+    def check(self, frozen: Any, encoded: bytes, key: str) -> None:
+        """Schema and size checks of prepared data."""
+        self.validator(frozen, f"store {self.store!r} key {key!r}")
+        if len(encoded) > self.max_document_size:
+            raise InvalidDataError(
+                f"store {self.store!r} key {key!r}: document is {len(encoded)} bytes of JSON; "
+                f"max_document_size is {self.max_document_size}"
+            )
+
+    def accept(self, value: Any, key: str) -> tuple[Any, bytes]:
+        """Prepare and check new data; ``(frozen, json bytes)``."""
+        frozen, encoded = self.prepare(value)
+        self.check(frozen, encoded, key)
+        return frozen, encoded
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a save writes: the data as of change ``seq`` as version ``version``."""
+
+    seq: int
+    encoded: bytes
+    migrations: tuple[str, ...]
+    version: int
+    token: int
+    new_record: bool
+
+
+class Session:
+    """The state of one loaded key. Created by the Store after the lease is taken."""
+
+    def __init__(
+        self,
+        rules: Rules,
+        key: str,
+        token: int,
+        data: Any,
+        encoded: bytes,
+        version: int,
+        migrations: tuple[str, ...],
+        *,
+        dirty: bool,
+        lease_confirmed_at: float,
+    ) -> None:
+        self.rules = rules
+        self.key = key
+        self.token = token
+        self.data = data
+        self.encoded = encoded
+        self.version = version
+        """Newest version in the database (0: none yet)."""
+        self.migrations = migrations
+        self.cond = threading.Condition(threading.Lock())
+        self.queue = KeyQueue()
+        self.change_seq = 1 if dirty else 0
+        self.saved_seq = 0
+        self.closed_reason: str | None = None
+        self.unloading = False
+        self.tx_active = False
+        self.lease_confirmed_at = lease_confirmed_at
+        """``time.monotonic()`` when the lease was last known good."""
+
+    # -- state ---------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self.closed_reason is not None
+
+    @property
+    def saved(self) -> bool:
+        return self.saved_seq == self.change_seq
+
+    def _context(self) -> str:
+        return f"store {self.rules.store!r} key {self.key!r}"
+
+    def check_open(self) -> None:
+        if self.closed_reason is not None:
+            raise SessionClosedError(f"{self._context()}: session closed ({self.closed_reason})")
+        if self.unloading:
+            raise SessionClosedError(f"{self._context()}: session is being unloaded")
+
+    def _wait_for_tx(self) -> None:
+        while self.tx_active:
+            self.cond.wait()
+
+    def close(self, reason: str) -> bool:
+        """Close the session; False if it was already closed."""
+        with self.cond:
+            if self.closed_reason is not None:
+                return False
+            self.closed_reason = reason
+            self.cond.notify_all()
+            return True
+
+    # -- in-memory changes ----------------------------------------------------
+
+    def _commit(self, value: Any) -> Any:
+        """Accept ``value`` as the new data; returns the old data, or None if unchanged."""
+        frozen, encoded = self.rules.prepare(value)
+        # Byte equality: 1 == 1.0 == True in Python, but not in the stored JSON.
+        if encoded == self.encoded:
+            return None
+        self.rules.check(frozen, encoded, self.key)
+        old = self.data
+        self.data, self.encoded = frozen, encoded
+        self.change_seq += 1
+        return old
+
+    def update(self, fn: Callable[[Any], Any]) -> tuple[bool, Any, Any]:
+        """Run a mutating transform; ``(committed, new, old)``, old None when unchanged."""
+        with self.cond:
+            self._wait_for_tx()
+            self.check_open()
+            work = decode(self.encoded)
+            verdict = run_transform(fn, work, self._context())
+            if verdict is False:
+                return False, None, None
+            if verdict is not True:
+                raise TransformError(
+                    f"{self._context()}: transform must return True or False, "
+                    f"not {type(verdict).__name__}"
+                )
+            old = self._commit(work)
+            return True, self.data, old
+
+    def update_immutable(self, fn: Callable[[Any], Any]) -> tuple[bool, Any, Any]:
+        """Run a copy-on-write transform; ``(committed, new, old)``, old None when unchanged."""
+        with self.cond:
+            self._wait_for_tx()
+            self.check_open()
+            result = run_transform(fn, self.data, self._context())
+            if result is False:
+                return False, None, None
+            if result is True or result is None:
+                raise TransformError(
+                    f"{self._context()}: immutable transform must return new data or False, "
+                    f"not {result!r}"
+                )
+            old = self._commit(result)
+            return True, self.data, old
+
+    def replace(self, value: Any) -> tuple[Any, Any]:
+        """Set new data outside a transform (restore); ``(new, old)``, old None when unchanged."""
+        with self.cond:
+            self._wait_for_tx()
+            self.check_open()
+            old = self._commit(value)
+            return self.data, old
+
+    # -- saving ---------------------------------------------------------------
+
+    def snapshot(self, *, unloading: bool = False) -> Snapshot | None:
+        """What to write now, or None if saved. With ``unloading``, refuse later updates."""
+        with self.cond:
+            if unloading:
+                self.unloading = True
+            if self.saved_seq == self.change_seq:
+                return None
+            return Snapshot(
+                self.change_seq,
+                self.encoded,
+                self.migrations,
+                self.version + 1,
+                self.token,
+                self.version == 0,
+            )
+
+    def mark_saved(self, snapshot: Snapshot) -> None:
+        with self.cond:
+            self.saved_seq = max(self.saved_seq, snapshot.seq)
+            self.version = snapshot.version
+
+    def abort_unload(self) -> None:
+        with self.cond:
+            self.unloading = False
+
+    # -- transactions -----------------------------------------------------------
+
+    def begin_tx(self) -> None:
+        """Block updates of this key until :meth:`end_tx` (the caller holds its turn)."""
+        with self.cond:
+            self.check_open()
+            self.tx_active = True
+
+    def end_tx(self) -> None:
+        with self.cond:
+            self.tx_active = False
+            self.cond.notify_all()
+
+    def commit_written(self, frozen: Any, encoded: bytes, version: int) -> Any:
+        """Take data a tx has already made durable; returns the old data."""
+        with self.cond:
+            old = self.data
+            self.data, self.encoded, self.version = frozen, encoded, version
+            self.change_seq += 1
+            self.saved_seq = self.change_seq
+            return old
+
+    def confirm_lease(self, at: float) -> None:
+        self.lease_confirmed_at = max(self.lease_confirmed_at, at)
+
+    def lease_overdue(self, duration: float) -> bool:
+        return time.monotonic() - self.lease_confirmed_at > duration
