@@ -14,7 +14,7 @@ method raises ``TypeError``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 import orjson
@@ -29,7 +29,9 @@ __all__ = [
     "check_key",
     "decode",
     "encode",
+    "encode_with_copy",
     "freeze",
+    "freeze_json",
     "thaw",
 ]
 
@@ -38,7 +40,7 @@ JSON = Any
 
 MAX_KEY_BYTES = 512
 _INT_MIN = -(2**63)
-_INT_MAX = 2**63 - 1
+_INT_MAX = 2**64 - 1  # orjson's range: signed and unsigned 64-bit
 
 
 def _read_only(self: object, *args: object, **kwargs: object) -> NoReturn:
@@ -110,15 +112,12 @@ class FrozenList(list[Any]):
 
 
 def _make_frozen_dict(items: Mapping[str, Any]) -> FrozenDict:
-    frozen = FrozenDict()
-    dict.update(frozen, items)
-    return frozen
+    return FrozenDict(items)
 
 
-def _frozen_list(items: Iterable[Any]) -> FrozenList:
-    frozen = FrozenList()
-    list.extend(frozen, items)
-    return frozen
+# list.__init__ and dict.__init__ fill the container in C without calling the
+# overridden (raising) methods.
+_frozen_list = FrozenList
 
 
 def _bad(path: str, why: str) -> NoReturn:
@@ -143,17 +142,25 @@ def freeze(value: Any, path: str = "") -> Any:
             return value
         _bad(path, f"float {value} is not finite")
     if kind is dict or kind is FrozenDict:
-        frozen = FrozenDict()
         items = {}
         for name, item in value.items():
             if type(name) is not str:
                 _bad(path, f"dict key {name!r} is {type(name).__name__}, not str")
             items[name] = freeze(item, f"{path}.{name}")
-        dict.update(frozen, items)
-        return frozen
+        return FrozenDict(items)
     if kind is list or kind is FrozenList or kind is tuple:
-        return _frozen_list(freeze(item, f"{path}[{index}]") for index, item in enumerate(value))
+        return _frozen_list([freeze(item, f"{path}[{index}]") for index, item in enumerate(value)])
     _bad(path, f"{kind.__name__} is not a JSON type")
+
+
+def freeze_json(value: Any) -> Any:
+    """Freeze data known to be JSON (fresh from :func:`decode`): no checks, no copies of scalars."""
+    kind = type(value)
+    if kind is dict:
+        return FrozenDict({name: freeze_json(item) for name, item in value.items()})
+    if kind is list:
+        return _frozen_list([freeze_json(item) for item in value])
+    return value
 
 
 def thaw(value: Any) -> Any:
@@ -166,12 +173,32 @@ def thaw(value: Any) -> Any:
     return value
 
 
+# orjson would quietly turn these into strings; make them reach the slow check.
+_STRICT = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
+
+
 def encode(value: Any) -> bytes:
-    """Serialise JSON data (frozen or plain) to compact UTF-8 JSON bytes."""
+    """Check that ``value`` is JSON and serialise it to compact UTF-8 JSON bytes."""
+    return encode_with_copy(value)[0]
+
+
+def encode_with_copy(value: Any) -> tuple[bytes, Any]:
+    """Check and serialise ``value``; also return a fresh plain copy decoded from the bytes.
+
+    The check runs at C speed: orjson encodes, decodes, and the copy must
+    compare equal to the input. Anything orjson would coerce (NaN to null, a
+    UUID or Enum to a string) fails that comparison and is then walked by
+    :func:`freeze` for an exact error. Tuples are accepted as lists.
+    """
     try:
-        return orjson.dumps(value)
+        encoded = orjson.dumps(value, option=_STRICT)
     except (TypeError, orjson.JSONEncodeError) as exc:
+        freeze(value)  # raises InvalidDataError naming the bad value
         raise InvalidDataError(f"data is not JSON: {exc}") from exc
+    copy = orjson.loads(encoded)
+    if copy != value:
+        freeze(value)
+    return encoded, copy
 
 
 def decode(raw: bytes | bytearray | memoryview | str) -> Any:

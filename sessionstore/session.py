@@ -21,13 +21,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import InvalidDataError, SessionClosedError, TransformError
-from .frozen import decode, encode, freeze
+from .frozen import decode, encode, encode_with_copy, freeze_json
 from .queue import KeyQueue
 from .schema import Validator
 
-__all__ = ["Rules", "Session", "Snapshot", "in_transform", "transform_guard"]
+__all__ = ["Change", "Rules", "Session", "Snapshot", "in_transform", "transform_guard"]
 
 _local = threading.local()
+_UNSET: Any = object()
 
 
 def in_transform() -> bool:
@@ -64,25 +65,28 @@ class Rules:
     validator: Validator
     max_document_size: int
 
-    def prepare(self, value: Any) -> tuple[Any, bytes]:
-        """Check that new data is JSON and freeze and encode it; ``(frozen, json bytes)``."""
-        frozen = freeze(value)
-        return frozen, encode(frozen)
-
-    def check(self, frozen: Any, encoded: bytes, key: str) -> None:
-        """Schema and size checks of prepared data."""
-        self.validator(frozen, f"store {self.store!r} key {key!r}")
+    def check(self, value: Any, encoded: bytes, key: str) -> None:
+        """Schema and size checks of data already encoded (so known to be JSON)."""
+        self.validator(value, f"store {self.store!r} key {key!r}")
         if len(encoded) > self.max_document_size:
             raise InvalidDataError(
                 f"store {self.store!r} key {key!r}: document is {len(encoded)} bytes of JSON; "
                 f"max_document_size is {self.max_document_size}"
             )
 
-    def accept(self, value: Any, key: str) -> tuple[Any, bytes]:
-        """Prepare and check new data; ``(frozen, json bytes)``."""
-        frozen, encoded = self.prepare(value)
-        self.check(frozen, encoded, key)
-        return frozen, encoded
+    def accept(self, value: Any, key: str) -> bytes:
+        """Check new data (JSON, schema, size); its JSON bytes."""
+        encoded = encode(value)
+        self.check(value, encoded, key)
+        return encoded
+
+
+@dataclass(frozen=True)
+class Change:
+    """A committed change, as JSON bytes before and after."""
+
+    old: bytes
+    new: bytes
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,6 @@ class Session:
         rules: Rules,
         key: str,
         token: int,
-        data: Any,
         encoded: bytes,
         version: int,
         migrations: tuple[str, ...],
@@ -116,8 +119,13 @@ class Session:
         self.rules = rules
         self.key = key
         self.token = token
-        self.data = data
         self.encoded = encoded
+        """The current data as JSON bytes: the source of truth."""
+        self._frozen: Any = _UNSET
+        # A private decoded copy equal to ``encoded`` that nobody else can
+        # reach: the next update hands it to its transform instead of decoding
+        # again (the validation in encode_with_copy produced it for free).
+        self._spare: Any = None
         self.version = version
         """Newest version in the database (0: none yet)."""
         self.migrations = migrations
@@ -132,6 +140,26 @@ class Session:
         """``time.monotonic()`` when the lease was last known good."""
 
     # -- state ---------------------------------------------------------------
+
+    @property
+    def data(self) -> Any:
+        """The current data, frozen; built on first use after each change, then shared."""
+        frozen = self._frozen
+        if frozen is _UNSET:
+            with self.cond:
+                frozen = self._data_locked()
+        return frozen
+
+    def _data_locked(self) -> Any:
+        if self._frozen is _UNSET:
+            self._frozen = freeze_json(decode(self.encoded))
+        return self._frozen
+
+    def _set(self, encoded: bytes, spare: Any = None) -> None:
+        """Replace the current data (caller holds ``cond``)."""
+        self.encoded = encoded
+        self._frozen = _UNSET
+        self._spare = spare
 
     @property
     def closed(self) -> bool:
@@ -165,58 +193,57 @@ class Session:
 
     # -- in-memory changes ----------------------------------------------------
 
-    def _commit(self, value: Any) -> Any:
-        """Accept ``value`` as the new data; returns the old data, or None if unchanged."""
-        frozen, encoded = self.rules.prepare(value)
+    def _commit(self, value: Any) -> Change | None:
+        """Accept ``value`` as the new data; the change made, or None if unchanged."""
+        encoded, copy = encode_with_copy(value)
         # Byte equality: 1 == 1.0 == True in Python, but not in the stored JSON.
         if encoded == self.encoded:
+            self._spare = copy
             return None
-        self.rules.check(frozen, encoded, self.key)
-        old = self.data
-        self.data, self.encoded = frozen, encoded
+        self.rules.check(value, encoded, self.key)
+        change = Change(self.encoded, encoded)
+        self._set(encoded, copy)
         self.change_seq += 1
-        return old
+        return change
 
-    def update(self, fn: Callable[[Any], Any]) -> tuple[bool, Any, Any]:
-        """Run a mutating transform; ``(committed, new, old)``, old None when unchanged."""
+    def update(self, fn: Callable[[Any], Any]) -> tuple[bool, Change | None]:
+        """Run a mutating transform; ``(committed, the change or None if nothing changed)``."""
         with self.cond:
             self._wait_for_tx()
             self.check_open()
-            work = decode(self.encoded)
+            work = self._spare if self._spare is not None else decode(self.encoded)
+            self._spare = None  # the transform may change it, commit or not
             verdict = run_transform(fn, work, self._context())
             if verdict is False:
-                return False, None, None
+                return False, None
             if verdict is not True:
                 raise TransformError(
                     f"{self._context()}: transform must return True or False, "
                     f"not {type(verdict).__name__}"
                 )
-            old = self._commit(work)
-            return True, self.data, old
+            return True, self._commit(work)
 
-    def update_immutable(self, fn: Callable[[Any], Any]) -> tuple[bool, Any, Any]:
-        """Run a copy-on-write transform; ``(committed, new, old)``, old None when unchanged."""
+    def update_immutable(self, fn: Callable[[Any], Any]) -> tuple[bool, Change | None]:
+        """Run a copy-on-write transform; ``(committed, the change or None if nothing changed)``."""
         with self.cond:
             self._wait_for_tx()
             self.check_open()
-            result = run_transform(fn, self.data, self._context())
+            result = run_transform(fn, self._data_locked(), self._context())
             if result is False:
-                return False, None, None
+                return False, None
             if result is True or result is None:
                 raise TransformError(
                     f"{self._context()}: immutable transform must return new data or False, "
                     f"not {result!r}"
                 )
-            old = self._commit(result)
-            return True, self.data, old
+            return True, self._commit(result)
 
-    def replace(self, value: Any) -> tuple[Any, Any]:
-        """Set new data outside a transform (restore); ``(new, old)``, old None when unchanged."""
+    def replace(self, value: Any) -> Change | None:
+        """Set new data outside a transform (restore); the change, None if unchanged."""
         with self.cond:
             self._wait_for_tx()
             self.check_open()
-            old = self._commit(value)
-            return self.data, old
+            return self._commit(value)
 
     # -- saving ---------------------------------------------------------------
 
@@ -258,14 +285,15 @@ class Session:
             self.tx_active = False
             self.cond.notify_all()
 
-    def commit_written(self, frozen: Any, encoded: bytes, version: int) -> Any:
-        """Take data a tx has already made durable; returns the old data."""
+    def commit_written(self, encoded: bytes, version: int) -> Change | None:
+        """Take data a tx has already made durable; the change, None if unchanged."""
         with self.cond:
-            old = self.data
-            self.data, self.encoded, self.version = frozen, encoded, version
+            change = Change(self.encoded, encoded) if encoded != self.encoded else None
+            self._set(encoded)
+            self.version = version
             self.change_seq += 1
             self.saved_seq = self.change_seq
-            return old
+            return change
 
     def confirm_lease(self, at: float) -> None:
         self.lease_confirmed_at = max(self.lease_confirmed_at, at)

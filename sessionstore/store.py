@@ -50,12 +50,12 @@ from .errors import (
     VersionNotFoundError,
 )
 from .files import FileSettings, VersionInfo, WriteItem
-from .frozen import JSON, check_key, decode, freeze, thaw
+from .frozen import JSON, check_key, decode, freeze_json, thaw
 from .migrations import MigrationStep
 from .retry import AttemptWithBackoff, RetryPolicy, with_retries
 from .sched import Scheduler
 from .schema import SchemaLike, make_validator
-from .session import Rules, Session, Snapshot, in_transform, run_transform
+from .session import Change, Rules, Session, Snapshot, in_transform, run_transform
 
 __all__ = ["SessionHandle", "Store"]
 
@@ -146,10 +146,9 @@ class Store:
         self._steps = migrations_module.check_steps(migrations)
         self._rules = Rules(name, make_validator(schema), max_document_size)
         try:
-            template_frozen, _ = self._rules.accept(template, "<template>")
+            self._template = self._rules.accept(template, "<template>")
         except SessionStoreError as exc:
             raise type(exc)(f"store {name!r}: template is invalid: {exc}") from exc
-        self._template = template_frozen
         self._import_legacy_data = import_legacy_data
         self._changed_callbacks = tuple(changed_callbacks)
         self._on_lock_lost = on_lock_lost
@@ -267,6 +266,13 @@ class Store:
             )
         return session
 
+    def _announce(self, session: Session, change: Change | None) -> None:
+        """Fire changed callbacks for a committed change (frozen new and old data)."""
+        if change is None or not self._changed_callbacks:
+            return
+        new = session.data if session.encoded is change.new else freeze_json(decode(change.new))
+        self._fire_changed(session.key, new, freeze_json(decode(change.old)))
+
     def _fire_changed(self, key: str, new: JSON, old: JSON) -> None:
         for callback in self._changed_callbacks:
             try:
@@ -328,7 +334,8 @@ class Store:
             with self._lock:
                 self._loading.discard(key)
         self._log(logging.DEBUG, key, "loaded with token %s at version %s", session.token, session.version)
-        self._fire_changed(key, session.data, None)
+        if self._changed_callbacks:
+            self._fire_changed(key, session.data, None)
 
     def _acquire(self, key: str) -> tuple[int, float]:
         """Wait for the key's lease; ``(token, monotonic time of the winning attempt)``."""
@@ -380,15 +387,14 @@ class Store:
                 data, applied, _ = self._migrate(thaw(legacy), (), context)
                 version, dirty = 0, True
             else:
-                data = thaw(self._template)
+                data = decode(self._template)
                 applied = tuple(step.name for step in self._steps)
                 version, dirty = 0, False
-        frozen, encoded = self._rules.accept(data, key)
+        encoded = self._rules.accept(data, key)
         return Session(
             self._rules,
             key,
             token,
-            frozen,
             encoded,
             version,
             applied,
@@ -419,18 +425,16 @@ class Store:
         """
         session = self._session(key)
         self._refuse_reentry("update")
-        committed, new, old = session.update(fn)
-        if old is not None:
-            self._fire_changed(key, new, old)
+        committed, change = session.update(fn)
+        self._announce(session, change)
         return committed
 
     def update_immutable(self, key: str, fn: Callable[[Any], Any]) -> bool:
         """Like :meth:`update`, but ``fn(frozen data)`` returns new data or ``False``."""
         session = self._session(key)
         self._refuse_reentry("update_immutable")
-        committed, new, old = session.update_immutable(fn)
-        if old is not None:
-            self._fire_changed(key, new, old)
+        committed, change = session.update_immutable(fn)
+        self._announce(session, change)
         return committed
 
     # -- saving -------------------------------------------------------------------------
@@ -736,7 +740,7 @@ class Store:
                 s.key,
                 s.token,
                 s.version + 1,
-                files.encode_file(prepared[s.key][1], self._files),
+                files.encode_file(prepared[s.key], self._files),
                 s.migrations,
                 s.version == 0,
             )
@@ -752,15 +756,12 @@ class Store:
             )
         if result_write.written != keys:  # pragma: no cover - version clash
             raise SessionStoreError(f"{context}: the database refused the write")
-        changes = []
-        for session in sessions:
-            frozen, encoded = prepared[session.key]
-            changed = encoded != session.encoded
-            old = session.commit_written(frozen, encoded, session.version + 1)
-            if changed:
-                changes.append((session.key, frozen, old))
-        for key, new, old in changes:
-            self._fire_changed(key, new, old)
+        changes = [
+            (session, session.commit_written(prepared[session.key], session.version + 1))
+            for session in sessions
+        ]
+        for session, change in changes:
+            self._announce(session, change)
         return True
 
     # -- lock-free reads and history ------------------------------------------------------
@@ -775,7 +776,7 @@ class Store:
         if stored is None:
             return None
         data, _, _ = self._migrate(decode(stored.raw), stored.info.migrations, f"peek {key!r}")
-        return freeze(data)
+        return freeze_json(decode(self._rules.accept(data, key)))
 
     def probe_lock_active(self, key: str) -> bool:
         """True if any holder (this process included) has a live lease on ``key``."""
@@ -822,7 +823,7 @@ class Store:
         )
         if stored is None:
             raise VersionNotFoundError(f"store {self.name!r} key {key!r} has no version {version}")
-        return freeze(decode(stored.raw)), stored.info
+        return freeze_json(decode(stored.raw)), stored.info
 
     def restore(self, key: str, version: int) -> None:
         """Make an old version of a loaded key current again, saved as a new version."""
@@ -835,9 +836,7 @@ class Store:
         if stored is None:
             raise VersionNotFoundError(f"store {self.name!r} key {key!r} has no version {version}")
         data, _, _ = self._migrate(decode(stored.raw), stored.info.migrations, f"restore {key!r}")
-        new, old = session.replace(data)
-        if old is not None:
-            self._fire_changed(key, new, old)
+        self._announce(session, session.replace(data))
         self.save(key)
 
     def erase(self, key: str) -> None:
