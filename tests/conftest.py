@@ -1,0 +1,84 @@
+"""Shared fixtures: the real-PostgreSQL fixtures come from sessionstore.testing.
+
+The plugin is normally registered through its ``pytest11`` entry point (an
+installed sessionstore). Running from a source tree that is not installed, or
+with ``PYTEST_DISABLE_PLUGIN_AUTOLOAD=1``, it is registered here instead, and
+never twice.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import sessionstore.testing as _plugin
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not config.pluginmanager.is_registered(_plugin):
+        config.pluginmanager.register(_plugin, "sessionstore.testing")
+
+
+# -- store fixtures -------------------------------------------------------------------
+
+import threading  # noqa: E402
+import uuid  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from typing import Any  # noqa: E402
+
+import sessionstore as ss  # noqa: E402
+
+# Short intervals so no test waits out production defaults.
+FAST = {
+    "lock_duration": 5.0,
+    "lock_refresh_interval": 1.0,
+    "lock_timeout": 1.0,
+    "autosave_interval": 60.0,
+    "retry_timeout": 2.0,
+}
+
+
+@pytest.fixture
+def store_name() -> str:
+    """A store name unique to this test, so tests never see each other's keys."""
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def make_store(
+    sessionstore_dsn: str, sessionstore_schema: str, store_name: str
+) -> Iterator[Callable[..., ss.Store]]:
+    """Build Stores on the test database (same name by default: they contend for keys).
+
+    Keyword arguments override the fast test defaults; all stores are closed
+    at the end of the test.
+    """
+    stores: list[ss.Store] = []
+
+    def make(template: Any = None, **options: Any) -> ss.Store:
+        settings = {**FAST, **options}
+        settings.setdefault("name", store_name)
+        store = ss.Store(
+            template=template if template is not None else {"coins": 0, "inventory": []},
+            dsn=settings.pop("dsn", sessionstore_dsn),
+            db_schema=settings.pop("db_schema", sessionstore_schema),
+            **settings,
+        )
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:
+        try:
+            store.close()
+        except Exception:
+            pass
+
+
+@pytest.fixture
+def store(make_store: Callable[..., ss.Store]) -> ss.Store:
+    """One Store with the default template ``{"coins": 0, "inventory": []}``."""
+    return make_store()
+
+
+def thread_count() -> int:
+    return threading.active_count()
