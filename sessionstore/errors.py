@@ -111,7 +111,7 @@ class InvalidDataError(SessionStoreError, ValueError, TypeError):
     """The data is not storable JSON (or is larger than ``max_document_size``)."""
 
 
-class StoreCloseError(ExceptionGroup, SessionStoreError):  # type: ignore[misc]
+class StoreCloseError(ExceptionGroup, SessionStoreError):
     """``close()`` could not unload some keys; ``errors`` maps each key to its error.
 
     An ``ExceptionGroup`` too, so ``except*`` can pick out the kinds.
@@ -127,5 +127,5 @@ class StoreCloseError(ExceptionGroup, SessionStoreError):  # type: ignore[misc]
     def __init__(self, message: str, errors: dict[str, Exception]) -> None:
         super().__init__(message, list(errors.values()))
 
-    def derive(self, excs: Sequence[Exception]) -> ExceptionGroup[Exception]:
+    def derive(self, excs: Sequence[Exception]) -> ExceptionGroup[Exception]:  # type: ignore[override]
         return ExceptionGroup(self.message, list(excs))

@@ -160,7 +160,9 @@ def decode_file(
     if shard_count:
         found = len(shards or ())
         if found != shard_count:
-            raise CorruptDataError(f"{context}: {shard_count - found} of {shard_count} shards missing")
+            raise CorruptDataError(
+                f"{context}: {shard_count - found} of {shard_count} shards missing"
+            )
         stored = b"".join(shards or ())
     elif inline is None:
         raise CorruptDataError(f"{context}: version has neither inline bytes nor shards")
@@ -289,7 +291,8 @@ def _write_statement(schema: str, *, batch: bool, shards: bool) -> sa.TextClause
     INSERT INTO {s}.shards (store, key, version, idx, data)
     SELECT :store, p.key, p.version, p.idx, p.data
     FROM unnest(CAST(:shard_keys AS text[]), CAST(:shard_versions AS bigint[]),
-                CAST(:shard_idx AS integer[]), CAST(:shard_data AS bytea[])) AS p(key, version, idx, data)
+                CAST(:shard_idx AS integer[]), CAST(:shard_data AS bytea[]))
+         AS p(key, version, idx, data)
     JOIN ver USING (key)
 )"""
         if shards
@@ -397,7 +400,9 @@ def write_versions(
     cache_key = (schema, batch, bool(shard_keys))
     statement = _writes.get(cache_key)
     if statement is None:
-        statement = _writes[cache_key] = _write_statement(schema, batch=batch, shards=bool(shard_keys))
+        statement = _writes[cache_key] = _write_statement(
+            schema, batch=batch, shards=bool(shard_keys)
+        )
     result = WriteResult()
     by_key = {item.key: item for item in items}
     for row in conn.execute(statement, params).all():
@@ -437,7 +442,9 @@ def read_version(
     if version is None:
         row = conn.execute(sql.read_newest, {"store": store, "key": key}).first()
     else:
-        row = conn.execute(sql.read_version, {"store": store, "key": key, "version": version}).first()
+        row = conn.execute(
+            sql.read_version, {"store": store, "key": key, "version": version}
+        ).first()
     if row is None:
         return None
     return _stored(row, f"store {store!r} key {key!r} version {row.version}")
@@ -460,7 +467,9 @@ def list_versions(
     return [_info(row) for row in conn.execute(stmt, params)]
 
 
-def erase_key(conn: sa.Connection, schema: str, store: str, key: str, holder: str, token: int) -> bool:
+def erase_key(
+    conn: sa.Connection, schema: str, store: str, key: str, holder: str, token: int
+) -> bool:
     """Delete the key's record, versions, shards and lease in one statement, if the lease holds."""
     params = {"store": store, "key": key, "holder": holder, "token": token}
     return conn.execute(statements(schema).erase, params).first() is not None

@@ -22,10 +22,10 @@ import orjson
 from .errors import InvalidDataError, InvalidKeyError
 
 __all__ = [
+    "JSON",
     "MAX_KEY_BYTES",
     "FrozenDict",
     "FrozenList",
-    "JSON",
     "check_key",
     "decode",
     "encode",
@@ -221,4 +221,3 @@ def check_key(key: object) -> str:
     if size > MAX_KEY_BYTES:
         raise InvalidKeyError(f"key is {size} bytes of UTF-8; the limit is {MAX_KEY_BYTES}")
     return key
-

@@ -76,8 +76,8 @@ USING (
 WHERE l.store = :store AND l.key = mine.key
 """)
         self.info = sa.text(
-            f"SELECT holder, token, expires_at, expires_at > clock_timestamp() AS active, host, pid "
-            f"FROM {s}.locks WHERE store = :store AND key = :key"
+            "SELECT holder, token, expires_at, expires_at > clock_timestamp() AS active, "
+            f"host, pid FROM {s}.locks WHERE store = :store AND key = :key"
         )
 
 

@@ -32,14 +32,16 @@ class MigrationStep:
 
 
 def add_fields(name: str, fields: dict[str, Any]) -> MigrationStep:
-    """A step that adds ``fields`` (deep-copied) to a dict document, keeping values already there."""
+    """A step that adds ``fields`` (deep-copied) to a dict document, keeping existing values."""
     defaults = freeze(fields)
     if not isinstance(defaults, dict):
         raise TypeError("add_fields() needs a dict of field defaults")
 
     def add(data: Any) -> Any:
         if not isinstance(data, dict):
-            raise TypeError(f"add_fields step {name!r} needs a dict document, got {type(data).__name__}")
+            raise TypeError(
+                f"add_fields step {name!r} needs a dict document, got {type(data).__name__}"
+            )
         for field, value in defaults.items():
             if field not in data:
                 data[field] = thaw(value)
@@ -49,7 +51,7 @@ def add_fields(name: str, fields: dict[str, Any]) -> MigrationStep:
 
 
 def transform(name: str, fn: Callable[[Any], Any]) -> MigrationStep:
-    """A step that replaces the data with ``fn(data)``; ``fn`` may also change it in place and return it."""
+    """A step that replaces the data with ``fn(data)``; ``fn`` may also change it in place."""
     if not callable(fn):
         raise TypeError("transform() needs a callable")
     return MigrationStep(name, fn)
@@ -62,7 +64,8 @@ def check_steps(steps: Iterable[MigrationStep]) -> tuple[MigrationStep, ...]:
     for step in checked:
         if not isinstance(step, MigrationStep):
             raise TypeError(
-                f"migrations must be built with add_fields() or transform(), got {type(step).__name__}"
+                "migrations must be built with add_fields() or transform(), "
+                f"got {type(step).__name__}"
             )
         if not isinstance(step.name, str) or not step.name:
             raise ValueError("a migration step needs a non-empty str name")

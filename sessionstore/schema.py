@@ -82,9 +82,12 @@ def _from_json_schema(schema: dict[str, Any]) -> Validator:
         import jsonschema
     except ImportError as exc:
         raise TypeError(
-            "a JSON Schema dict needs the jsonschema package: pip install 'sessionstore[jsonschema]'"
+            "a JSON Schema dict needs the jsonschema package: "
+            "pip install 'sessionstore[jsonschema]'"
         ) from exc
-    validator_class = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    validator_class = jsonschema.validators.validator_for(
+        schema, default=jsonschema.Draft202012Validator
+    )
     try:
         validator_class.check_schema(schema)
     except jsonschema.SchemaError as exc:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import contextlib
 import logging
 import re
 import threading
@@ -43,8 +44,8 @@ from .errors import (
     SessionClosedError,
     SessionStoreError,
     StorageUnavailableError,
-    StoreCloseError,
     StoreClosedError,
+    StoreCloseError,
     TransactionConflictError,
     TransformError,
     VersionNotFoundError,
@@ -133,7 +134,9 @@ class Store:
         pool_size: int = 10,
     ) -> None:
         if not isinstance(name, str) or not _STORE_NAME.match(name):
-            raise ValueError(f"store name must be 1..64 characters of [A-Za-z0-9_.:-], got {name!r}")
+            raise ValueError(
+                f"store name must be 1..64 characters of [A-Za-z0-9_.:-], got {name!r}"
+            )
         if not lock_duration > 0 or not 0 < lock_refresh_interval < lock_duration:
             raise ValueError("need 0 < lock_refresh_interval < lock_duration")
         if lock_timeout < 0 or not autosave_interval > 0 or retry_timeout < 0:
@@ -333,7 +336,9 @@ class Store:
         finally:
             with self._lock:
                 self._loading.discard(key)
-        self._log(logging.DEBUG, key, "loaded with token %s at version %s", session.token, session.version)
+        self._log(
+            logging.DEBUG, key, "loaded with token %s at version %s", session.token, session.version
+        )
         if self._changed_callbacks:
             self._fire_changed(key, session.data, None)
 
@@ -357,7 +362,11 @@ class Store:
                 holder = self._db(
                     "lease info", lambda conn: locks.info(conn, self._schema, self.name, key)
                 )
-                where = f" by {holder.host} pid {holder.pid} until {holder.expires_at}" if holder else ""
+                where = (
+                    f" by {holder.host} pid {holder.pid} until {holder.expires_at}"
+                    if holder
+                    else ""
+                )
                 raise LockUnavailableError(
                     f"store {self.name!r} key {key!r} is held{where}; "
                     f"gave up after lock_timeout={self.lock_timeout}s"
@@ -454,7 +463,8 @@ class Store:
         for session in sessions:
             if session.closed:
                 errors[session.key] = SessionClosedError(
-                    f"store {self.name!r} key {session.key!r}: session closed ({session.closed_reason})"
+                    f"store {self.name!r} key {session.key!r}: "
+                    f"session closed ({session.closed_reason})"
                 )
                 continue
             snapshot = session.snapshot(unloading=unloading)
@@ -506,10 +516,8 @@ class Store:
     def _autosave_tick(self) -> None:
         if self._autosave_running.locked():
             return  # the previous batch is still writing
-        try:
+        with contextlib.suppress(RuntimeError):  # executor shut down: the store is closing
             self._saver.submit(self._autosave)
-        except RuntimeError:  # executor shut down: the store is closing
-            pass
 
     def _autosave(self) -> None:
         with self._autosave_running:
@@ -597,19 +605,15 @@ class Store:
         _open_stores.discard(self)
         self._scheduler.stop()
         self._saver.shutdown(wait=True)
-        sessions = sorted(
-            (s for s in self._sessions.values() if not s.closed), key=lambda s: s.key
-        )
+        sessions = sorted((s for s in self._sessions.values() if not s.closed), key=lambda s: s.key)
         errors: dict[str, Exception] = {}
         for start in range(0, len(sessions), self._batch_size * 4):
             errors.update(self._unload_sessions(sessions[start : start + self._batch_size * 4]))
         with self._lock:
             self._sessions.clear()
         if self._heartbeat_conn is not None:
-            try:
+            with contextlib.suppress(Exception):
                 self._heartbeat_conn.close()
-            except Exception:
-                pass
             self._heartbeat_conn = None
         if self._owns_engine:
             self._engine_base.dispose()
@@ -668,7 +672,9 @@ class Store:
         """Like :meth:`tx`, but ``fn({key: frozen})`` returns ``{key: new data}`` or ``False``."""
         return self._tx(keys, fn, immutable=True)
 
-    def _tx(self, keys: Sequence[str], fn: Callable[[dict[str, Any]], Any], *, immutable: bool) -> bool:
+    def _tx(
+        self, keys: Sequence[str], fn: Callable[[dict[str, Any]], Any], *, immutable: bool
+    ) -> bool:
         self._check_open()
         if isinstance(keys, str) or not isinstance(keys, Sequence | set | frozenset):
             raise InvalidKeyError("tx keys must be a list of keys")
@@ -717,7 +723,9 @@ class Store:
             if result is False:
                 return False
             if not isinstance(result, Mapping):
-                raise TransformError(f"{context}: transform must return a dict of new data or False")
+                raise TransformError(
+                    f"{context}: transform must return a dict of new data or False"
+                )
             proposed = dict(result)
         else:
             work = {s.key: decode(s.encoded) for s in sessions}
@@ -920,4 +928,3 @@ class SessionHandle:
 
     def __repr__(self) -> str:
         return f"<SessionHandle {self.store.name!r} {self.key!r}>"
-

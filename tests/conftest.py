@@ -20,6 +20,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 # -- store fixtures -------------------------------------------------------------------
 
+import contextlib  # noqa: E402
 import threading  # noqa: E402
 import uuid  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
@@ -68,10 +69,8 @@ def make_store(
 
     yield make
     for store in stores:
-        try:
+        with contextlib.suppress(Exception):
             store.close()
-        except Exception:
-            pass
 
 
 @pytest.fixture

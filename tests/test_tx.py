@@ -187,9 +187,7 @@ def test_second_tx_on_a_key_conflicts_and_updates_wait(make_store: Any) -> None:
         store.tx(["b", "c"], lambda docs: True)
     assert store.tx(["c"], lambda docs: True) is True  # disjoint keys run
 
-    updater = threading.Thread(
-        target=lambda: results.update(update=store.update("a", _add_coin))
-    )
+    updater = threading.Thread(target=lambda: results.update(update=store.update("a", _add_coin)))
     updater.start()
     time.sleep(0.2)
     assert updater.is_alive()  # waits for the tx
@@ -255,7 +253,13 @@ def test_conservation_under_concurrent_transfers(make_store: Any) -> None:
             amount = local.randrange(1, 50)
             roll = local.random()
 
-            def fn(docs: dict[str, Any], src: str = src, dst: str = dst) -> bool:
+            def fn(
+                docs: dict[str, Any],
+                src: str = src,
+                dst: str = dst,
+                amount: int = amount,
+                roll: float = roll,
+            ) -> bool:
                 docs[src]["coins"] -= amount
                 docs[dst]["coins"] += amount
                 if roll < 0.1:
@@ -363,8 +367,15 @@ def test_kill_9_during_transactions_leaves_each_transfer_whole(
     rng = random.Random(99)
     for round_ in range(3):
         child = subprocess.Popen(
-            [sys.executable, "-c", CHILD, sessionstore_dsn, sessionstore_schema, store_name,
-             str(rng.randrange(1 << 30))],
+            [
+                sys.executable,
+                "-c",
+                CHILD,
+                sessionstore_dsn,
+                sessionstore_schema,
+                store_name,
+                str(rng.randrange(1 << 30)),
+            ],
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -376,9 +387,7 @@ def test_kill_9_during_transactions_leaves_each_transfer_whole(
             os.kill(child.pid, signal.SIGKILL)
             child.wait(10)
         # Recover: a new holder takes the keys once the dead holder's leases expire.
-        store = make_store(
-            template={"coins": 0, "sent": {}, "received": {}}, lock_timeout=10.0
-        )
+        store = make_store(template={"coins": 0, "sent": {}, "received": {}}, lock_timeout=10.0)
         for key in keys:
             store.load(key)
         docs = {key: store.get(key) for key in keys}
