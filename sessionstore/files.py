@@ -30,6 +30,7 @@ __all__ = [
     "CODEC_ZSTD",
     "EncodedFile",
     "FileSettings",
+    "Retention",
     "StoredVersion",
     "VersionInfo",
     "WriteItem",
@@ -37,6 +38,7 @@ __all__ = [
     "decode_file",
     "encode_file",
     "list_versions",
+    "prune_versions",
     "read_version",
     "write_versions",
 ]
@@ -233,6 +235,33 @@ class _Statements:
         self.list_asc = sa.text(
             f"SELECT {columns} FROM {s}.versions v {where} ORDER BY v.version ASC LIMIT :limit"
         )
+        # Prune one batch of keys (those after :after, in key order): versions
+        # older than the newest :keep and older than :age seconds go, with
+        # their shards (ON DELETE CASCADE). The transaction-level advisory lock
+        # keeps a second process from pruning the same store concurrently.
+        self.prune = sa.text(f"""
+WITH turn AS (
+    SELECT pg_try_advisory_xact_lock(hashtext('sessionstore:janitor:' || :schema),
+                                     hashtext(:store)) AS ours
+), batch AS (
+    SELECT key FROM {s}.records
+    WHERE store = :store AND key > :after AND (SELECT ours FROM turn)
+    ORDER BY key
+    LIMIT :batch
+), cutoff AS (
+    SELECT b.key,
+           (SELECT v.version FROM {s}.versions v WHERE v.store = :store AND v.key = b.key
+            ORDER BY v.version DESC OFFSET :keep LIMIT 1) AS version
+    FROM batch b
+), pruned AS (
+    DELETE FROM {s}.versions v USING cutoff c
+    WHERE v.store = :store AND v.key = c.key AND v.version <= c.version
+      AND v.created_at < clock_timestamp() - make_interval(secs => :age)
+    RETURNING 1
+)
+SELECT (SELECT ours FROM turn) AS ours, (SELECT max(key) FROM batch) AS last_key,
+       (SELECT count(*) FROM pruned) AS pruned
+""")
         self.ours = sa.text(
             f"SELECT 1 FROM {s}.versions WHERE store = :store AND key = :key "
             "AND version = :version AND holder = :holder AND token = :token"
@@ -465,6 +494,36 @@ def list_versions(
     stmt = sql.list_desc if newest_first else sql.list_asc
     params = {"store": store, "key": key, "since": since, "until": until, "limit": limit}
     return [_info(row) for row in conn.execute(stmt, params)]
+
+
+@dataclass(frozen=True)
+class Retention:
+    """Which versions the janitor keeps: the newest ``keep`` and all younger than ``age`` s."""
+
+    keep: int = 10
+    age: float = 24 * 3600.0
+    batch: int = 500
+
+
+def prune_versions(
+    conn: sa.Connection, schema: str, store: str, after: str, retention: Retention
+) -> tuple[bool, str | None, int]:
+    """Prune one batch of keys after ``after``: ``(had the turn, last key seen, versions deleted)``.
+
+    The current (newest) version is never pruned: ``keep`` is at least 1. A
+    reader in the middle of a version still sees it: every read is one
+    statement, so one snapshot.
+    """
+    params = {
+        "schema": schema,
+        "store": store,
+        "after": after,
+        "batch": retention.batch,
+        "keep": retention.keep,
+        "age": retention.age,
+    }
+    row = conn.execute(statements(schema).prune, params).one()
+    return bool(row.ours), row.last_key, int(row.pruned)
 
 
 def erase_key(

@@ -30,6 +30,7 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar
 
+import cachetools
 import sqlalchemy as sa
 
 from . import db, files, locks
@@ -132,6 +133,10 @@ class Store:
         shard_size: int = 1024 * 1024,
         save_batch_size: int = 500,
         pool_size: int = 10,
+        retain_versions: int = 10,
+        retain_for: float = 24 * 3600.0,
+        janitor_interval: float = 60.0,
+        peek_cache_size: int = 1024,
     ) -> None:
         if not isinstance(name, str) or not _STORE_NAME.match(name):
             raise ValueError(
@@ -143,6 +148,8 @@ class Store:
             raise ValueError("lock_timeout and retry_timeout must be >= 0, autosave_interval > 0")
         if max_document_size <= 0 or save_batch_size <= 0 or shard_size <= 0:
             raise ValueError("max_document_size, save_batch_size and shard_size must be positive")
+        if retain_versions < 1 or retain_for < 0 or not janitor_interval > 0:
+            raise ValueError("need retain_versions >= 1, retain_for >= 0, janitor_interval > 0")
         self.name = name
         self.holder = str(uuid.uuid4())
         self._schema = db.validate_identifier(db_schema)
@@ -168,6 +175,12 @@ class Store:
             shard_size=shard_size,
         )
         self._batch_size = save_batch_size
+        self._retention = files.Retention(retain_versions, float(retain_for), save_batch_size)
+        self._prune_after = ""
+        self._peek_cache: cachetools.LRUCache[str, tuple[float, JSON]] = cachetools.LRUCache(
+            maxsize=max(1, peek_cache_size)
+        )
+        self._peek_lock = threading.Lock()
 
         self._owns_engine = not isinstance(dsn, sa.Engine)
         engine = db.create_engine(dsn, pool_size=pool_size)
@@ -195,6 +208,7 @@ class Store:
         self._scheduler = Scheduler(f"sessionstore-sched-{name}")
         self._scheduler.every(self.lock_refresh_interval, self._heartbeat)
         self._scheduler.every(self.autosave_interval, self._autosave_tick)
+        self._scheduler.every(float(janitor_interval), self._janitor_tick)
         _open_stores.add(self)
         self._log(logging.DEBUG, None, "store opened")
 
@@ -516,8 +530,48 @@ class Store:
     def _autosave_tick(self) -> None:
         if self._autosave_running.locked():
             return  # the previous batch is still writing
+        self._submit(self._autosave)
+
+    def _submit(self, work: Callable[[], object]) -> None:
+        """Run ``work`` on the saver thread (never on the scheduler: it must stay punctual)."""
         with contextlib.suppress(RuntimeError):  # executor shut down: the store is closing
-            self._saver.submit(self._autosave)
+            self._saver.submit(self._logged, work)
+
+    def _logged(self, work: Callable[[], object]) -> None:
+        try:
+            work()
+        except Exception:
+            logger.exception("store %r: background task %r failed", self.name, work)
+
+    def _janitor_tick(self) -> None:
+        self._submit(self.prune)
+
+    def prune(self, *, time_budget: float = 1.0) -> int:
+        """Delete versions beyond the retention policy, a batch of keys at a time.
+
+        Runs in the background every ``janitor_interval``; callable directly
+        (e.g. from a cron job). Returns the number of versions deleted. Only
+        one process prunes a store at a time; others return 0 at once.
+        """
+        self._check_open()
+        deadline = time.monotonic() + time_budget
+        total = 0
+        while True:
+            ours, last_key, pruned = self._db(
+                "prune",
+                lambda conn: files.prune_versions(
+                    conn, self._schema, self.name, self._prune_after, self._retention
+                ),
+            )
+            total += pruned
+            if not ours:
+                return total
+            # Walk the keys round-robin: start over after the last batch.
+            self._prune_after = last_key or ""
+            if last_key is None or time.monotonic() > deadline:
+                if total:
+                    self._log(logging.INFO, None, "pruned %d old versions", total)
+                return total
 
     def _autosave(self) -> None:
         with self._autosave_running:
@@ -774,17 +828,33 @@ class Store:
 
     # -- lock-free reads and history ------------------------------------------------------
 
-    def peek(self, key: str) -> JSON:
-        """The saved data of any key (frozen, migrated in memory), or None. No lease needed."""
+    def peek(self, key: str, *, max_age: float | None = None) -> JSON:
+        """The saved data of any key (frozen, migrated in memory), or None. No lease needed.
+
+        With ``max_age`` (seconds), a result read at most that long ago by this
+        store may be returned instead of reading again.
+        """
         self._check_open()
         check_key(key)
+        if max_age is not None:
+            with self._peek_lock:
+                cached = self._peek_cache.get(key)
+            if cached is not None and time.monotonic() - cached[0] <= max_age:
+                return cached[1]
+        read_at = time.monotonic()
         stored = self._db(
             "peek", lambda conn: files.read_version(conn, self._schema, self.name, key, None)
         )
         if stored is None:
-            return None
-        data, _, _ = self._migrate(decode(stored.raw), stored.info.migrations, f"peek {key!r}")
-        return freeze_json(decode(self._rules.accept(data, key)))
+            data = None
+        else:
+            migrated, _, _ = self._migrate(
+                decode(stored.raw), stored.info.migrations, f"peek {key!r}"
+            )
+            data = freeze_json(decode(self._rules.accept(migrated, key)))
+        with self._peek_lock:
+            self._peek_cache[key] = (read_at, data)
+        return data
 
     def probe_lock_active(self, key: str) -> bool:
         """True if any holder (this process included) has a live lease on ``key``."""
