@@ -20,7 +20,18 @@ from datetime import datetime
 
 import sqlalchemy as sa
 
-__all__ = ["LeaseInfo", "LeaseStatements", "lease_statements"]
+from .control import ALIVE_SQL, channel_for
+
+__all__ = [
+    "LeaseInfo",
+    "LeaseStatements",
+    "acquire",
+    "info",
+    "lease_statements",
+    "release",
+    "renew",
+    "request_handoff",
+]
 
 
 @dataclass(frozen=True)
@@ -33,6 +44,10 @@ class LeaseInfo:
     active: bool
     host: str
     pid: int
+    liveness: bool
+    """The holder keeps an advisory lock while alive (instant takeover applies)."""
+    alive: bool
+    """The holder's advisory lock is held right now."""
 
 
 class LeaseStatements:
@@ -40,17 +55,23 @@ class LeaseStatements:
 
     def __init__(self, schema: str) -> None:
         s = f'"{schema}"'
-        # Take the row if it is free (no row), expired, or already ours (a
-        # session we closed locally after losing track of it); a new token
-        # fences whatever the previous owner still has in flight.
+        # Take the row if it is free (no row), expired, already ours (a
+        # session we closed locally after losing track of it), or held by a
+        # holder the caller saw dead (advisory lock gone) for the whole grace
+        # and that is still dead now, at the same token. The new token fences
+        # whatever the previous owner still has in flight.
         self.acquire = sa.text(f"""
-INSERT INTO {s}.locks AS l (store, key, holder, token, acquired_at, expires_at, host, pid)
+INSERT INTO {s}.locks AS l (store, key, holder, token, acquired_at, expires_at, host, pid,
+                            liveness)
 VALUES (:store, :key, :holder, nextval('{s}.lease_tokens'), clock_timestamp(),
-        clock_timestamp() + make_interval(secs => :duration), :host, :pid)
+        clock_timestamp() + make_interval(secs => :duration), :host, :pid, :liveness)
 ON CONFLICT (store, key) DO UPDATE
     SET holder = excluded.holder, token = excluded.token, acquired_at = excluded.acquired_at,
-        expires_at = excluded.expires_at, host = excluded.host, pid = excluded.pid
+        expires_at = excluded.expires_at, host = excluded.host, pid = excluded.pid,
+        liveness = excluded.liveness
     WHERE l.expires_at <= clock_timestamp() OR l.holder = excluded.holder
+       OR (l.holder = CAST(:dead_holder AS uuid) AND l.token = :dead_token AND l.liveness
+           AND NOT {ALIVE_SQL.format(holder="l.holder")})
 RETURNING token
 """)
         self.renew = sa.text(f"""
@@ -77,7 +98,8 @@ WHERE l.store = :store AND l.key = mine.key
 """)
         self.info = sa.text(
             "SELECT holder, token, expires_at, expires_at > clock_timestamp() AS active, "
-            f"host, pid FROM {s}.locks WHERE store = :store AND key = :key"
+            f"host, pid, liveness, {ALIVE_SQL.format(holder='holder')} AS alive "
+            f"FROM {s}.locks WHERE store = :store AND key = :key"
         )
 
 
@@ -95,9 +117,17 @@ HOST = socket.gethostname()
 
 
 def acquire(
-    conn: sa.Connection, schema: str, store: str, key: str, holder: str, duration: float
+    conn: sa.Connection,
+    schema: str,
+    store: str,
+    key: str,
+    holder: str,
+    duration: float,
+    *,
+    liveness: bool,
+    dead: LeaseInfo | None = None,
 ) -> int | None:
-    """Take the key's lease if it is free or expired; the new fencing token, or None."""
+    """Take the key's lease if free, expired, or held by ``dead`` (still dead); token or None."""
     params = {
         "store": store,
         "key": key,
@@ -105,6 +135,9 @@ def acquire(
         "duration": duration,
         "host": HOST,
         "pid": os.getpid(),
+        "liveness": liveness,
+        "dead_holder": dead.holder if dead is not None else None,
+        "dead_token": dead.token if dead is not None else None,
     }
     token: int | None = conn.execute(lease_statements(schema).acquire, params).scalar()
     return token
@@ -139,4 +172,22 @@ def info(conn: sa.Connection, schema: str, store: str, key: str) -> LeaseInfo | 
     row = conn.execute(lease_statements(schema).info, {"store": store, "key": key}).first()
     if row is None:
         return None
-    return LeaseInfo(str(row.holder), row.token, row.expires_at, row.active, row.host, row.pid)
+    return LeaseInfo(
+        str(row.holder),
+        row.token,
+        row.expires_at,
+        row.active,
+        row.host,
+        row.pid,
+        row.liveness,
+        row.alive,
+    )
+
+
+def request_handoff(conn: sa.Connection, holder: str, key: str) -> None:
+    """Ask a live holder to save and release ``key`` (it may refuse)."""
+    params = {"channel": channel_for(holder), "key": key}
+    conn.execute(_NOTIFY, params)
+
+
+_NOTIFY = sa.text("SELECT pg_notify(:channel, :key)")

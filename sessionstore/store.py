@@ -35,6 +35,7 @@ import sqlalchemy as sa
 
 from . import db, files, locks
 from . import migrations as migrations_module
+from .control import ControlConnection, libpq_url
 from .errors import (
     InvalidKeyError,
     KeyNotLoadedError,
@@ -137,6 +138,9 @@ class Store:
         retain_for: float = 24 * 3600.0,
         janitor_interval: float = 60.0,
         peek_cache_size: int = 1024,
+        control_dsn: str | None = None,
+        instant_takeover: bool = True,
+        takeover_grace: float = 1.0,
     ) -> None:
         if not isinstance(name, str) or not _STORE_NAME.match(name):
             raise ValueError(
@@ -175,6 +179,8 @@ class Store:
             shard_size=shard_size,
         )
         self._batch_size = save_batch_size
+        self._liveness = bool(instant_takeover)
+        self.takeover_grace = float(takeover_grace)
         self._retention = files.Retention(retain_versions, float(retain_for), save_batch_size)
         self._prune_after = ""
         self._peek_cache: cachetools.LRUCache[str, tuple[float, JSON]] = cachetools.LRUCache(
@@ -205,6 +211,20 @@ class Store:
         self._saver = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"sessionstore-save-{name}"
         )
+        conninfo = libpq_url(
+            engine.url if control_dsn is None else sa.make_url(db.resolve_url(control_dsn))
+        )
+        self._control = ControlConnection(
+            conninfo, self.holder, name, self._on_handoff_request_notify, liveness=self._liveness
+        )
+        if not self._control.wait_ready(max(retry_timeout, 5.0)):
+            self._control.stop()
+            self._saver.shutdown(wait=False)
+            if self._owns_engine:
+                engine.dispose()
+            raise StorageUnavailableError(
+                f"store {name!r}: control connection failed: {self._control.last_error}"
+            )
         self._scheduler = Scheduler(f"sessionstore-sched-{name}")
         self._scheduler.every(self.lock_refresh_interval, self._heartbeat)
         self._scheduler.every(self.autosave_interval, self._autosave_tick)
@@ -357,25 +377,68 @@ class Store:
             self._fire_changed(key, session.data, None)
 
     def _acquire(self, key: str) -> tuple[int, float]:
-        """Wait for the key's lease; ``(token, monotonic time of the winning attempt)``."""
+        """Wait for the key's lease; ``(token, monotonic time of the winning attempt)``.
+
+        While another holder has it: a live holder is asked (NOTIFY) to hand
+        it over, about once a second; a dead one (its advisory lock gone) is
+        taken over once it has stayed dead for ``takeover_grace``; otherwise
+        the lease is taken when it expires, or ``LockUnavailableError`` is
+        raised after ``lock_timeout``.
+        """
         backoff = AttemptWithBackoff(
-            RetryPolicy(timeout=self.lock_timeout, initial_delay=0.02, max_delay=1.0)
+            RetryPolicy(timeout=self.lock_timeout, initial_delay=0.005, max_delay=0.25)
         )
+        dead: locks.LeaseInfo | None = None
+        seen_dead: dict[tuple[str, int], float] = {}
+        asked: dict[tuple[str, int], float] = {}
         while True:
             started = time.monotonic()
             token = self._db(
                 "acquire lease",
-                lambda conn: locks.acquire(
-                    conn, self._schema, self.name, key, self.holder, self.lock_duration
+                lambda conn, dead=dead: locks.acquire(  # type: ignore[misc]
+                    conn,
+                    self._schema,
+                    self.name,
+                    key,
+                    self.holder,
+                    self.lock_duration,
+                    liveness=self._liveness,
+                    dead=dead,
                 ),
             )
             if token is not None:
+                if dead is not None:
+                    self._log(
+                        logging.INFO,
+                        key,
+                        "took over from dead holder %s (%s pid %s)",
+                        dead.holder,
+                        dead.host,
+                        dead.pid,
+                    )
                 return token, started
             self._check_open()
+            dead = None
+            holder = self._db(
+                "lease info", lambda conn: locks.info(conn, self._schema, self.name, key)
+            )
+            now = time.monotonic()
+            if holder is not None and holder.active:
+                lease = (holder.holder, holder.token)
+                if holder.liveness and not holder.alive:
+                    first = seen_dead.setdefault(lease, now)
+                    if now - first >= self.takeover_grace:
+                        dead = holder
+                        continue
+                elif now - asked.get(lease, -1e9) >= 1.0:
+                    asked[lease] = now
+                    self._db(
+                        "request handoff",
+                        lambda conn, other=lease[0]: locks.request_handoff(  # type: ignore[misc]
+                            conn, other, key
+                        ),
+                    )
             if not backoff.sleep():
-                holder = self._db(
-                    "lease info", lambda conn: locks.info(conn, self._schema, self.name, key)
-                )
                 where = (
                     f" by {holder.host} pid {holder.pid} until {holder.expires_at}"
                     if holder
@@ -602,8 +665,14 @@ class Store:
         except Exception as exc:  # the leases expire on their own
             self._log(logging.WARNING, None, "releasing %d leases failed: %s", len(leases), exc)
 
-    def _unload_sessions(self, sessions: Sequence[Session]) -> dict[str, Exception]:
-        """Final save and release of ``sessions`` (key order); errors by key."""
+    def _unload_sessions(
+        self, sessions: Sequence[Session], *, reason: str = "unloaded", tombstone: bool = False
+    ) -> dict[str, Exception]:
+        """Final save and release of ``sessions`` (key order); errors by key.
+
+        With ``tombstone`` the closed sessions stay registered, so later calls
+        get ``SessionClosedError`` (a handoff) instead of ``KeyNotLoadedError``.
+        """
         with self._turns(sessions):
             errors = self._save_held(sessions, unloading=True)
             done = [s for s in sessions if s.key not in errors]
@@ -613,11 +682,45 @@ class Store:
                 if isinstance(error, StorageUnavailableError):
                     session.abort_unload()  # still loaded, data kept: the caller may retry
                     continue
-                session.close("unloaded")
+                session.close(reason)
+                if tombstone and session.key not in errors:
+                    continue
                 with self._lock:
                     if self._sessions.get(session.key) is session:
                         del self._sessions[session.key]
         return errors
+
+    # -- handoff ------------------------------------------------------------------------
+
+    def _on_handoff_request_notify(self, key: str) -> None:
+        """Control thread: another process asks for ``key``; decide on the saver thread."""
+        self._submit(lambda: self._hand_over(key))
+
+    def _hand_over(self, key: str) -> None:
+        session = self._sessions.get(key)
+        if session is None or session.closed or self._closed:
+            return
+        if self._on_handoff_request is not None:
+            try:
+                allowed = bool(self._on_handoff_request(key))
+            except Exception:
+                logger.exception("on_handoff_request raised; keeping the key")
+                allowed = False
+            if not allowed:
+                self._log(logging.DEBUG, key, "handoff refused by on_handoff_request")
+                return
+        errors = self._unload_sessions(
+            [session], reason="handed over to another process", tombstone=True
+        )
+        if key in errors:
+            self._log(logging.WARNING, key, "handoff failed, keeping the key: %s", errors[key])
+            return
+        self._log(logging.INFO, key, "handed over to another process")
+        if self._on_lock_lost is not None:
+            try:
+                self._on_lock_lost(key)
+            except Exception:
+                logger.exception("on_lock_lost callback raised")
 
     def unload(self, key: str) -> None:
         """Save pending changes, release the lease and forget the key.
@@ -665,6 +768,8 @@ class Store:
             errors.update(self._unload_sessions(sessions[start : start + self._batch_size * 4]))
         with self._lock:
             self._sessions.clear()
+        # Last: our leases are released, so nobody needs our proof of life.
+        self._control.stop()
         if self._heartbeat_conn is not None:
             with contextlib.suppress(Exception):
                 self._heartbeat_conn.close()

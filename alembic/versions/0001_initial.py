@@ -52,6 +52,9 @@ def upgrade() -> None:
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("host", sa.Text(), nullable=False, server_default=sa.text("''")),
         sa.Column("pid", sa.Integer(), nullable=False, server_default=sa.text("0")),
+        # The holder keeps a session advisory lock while alive: a row whose
+        # holder lost it may be taken over at once instead of after expiry.
+        sa.Column("liveness", sa.Boolean(), nullable=False, server_default=sa.text("false")),
         sa.PrimaryKeyConstraint("store", "key", name="locks_pkey"),
         schema=s,
     )
