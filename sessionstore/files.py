@@ -20,8 +20,10 @@ from datetime import datetime
 from typing import Any
 
 import orjson
+import psycopg
 import sqlalchemy as sa
 import zstandard
+from psycopg.rows import namedtuple_row
 
 from .errors import CorruptDataError
 
@@ -216,13 +218,15 @@ class _Statements:
             "WHERE s.store = v.store AND s.key = v.key AND s.version = v.version "
             "ORDER BY s.idx) END AS shards"
         )
-        self.read_newest = sa.text(
+        # Read through a binary psycopg cursor (see _binary): bytea arrives as
+        # bytes, not hex text, which costs more than the read itself when large.
+        self.read_newest = (
             f"SELECT {columns}, v.inline, {shards} FROM {s}.versions v "
-            "WHERE v.store = :store AND v.key = :key ORDER BY v.version DESC LIMIT 1"
+            "WHERE v.store = %(store)b AND v.key = %(key)b ORDER BY v.version DESC LIMIT 1"
         )
-        self.read_version = sa.text(
+        self.read_version = (
             f"SELECT {columns}, v.inline, {shards} FROM {s}.versions v "
-            "WHERE v.store = :store AND v.key = :key AND v.version = :version"
+            "WHERE v.store = %(store)b AND v.key = %(key)b AND v.version = %(version)b"
         )
         where = (
             "WHERE v.store = :store AND v.key = :key "
@@ -296,7 +300,7 @@ _INPUT_COLUMNS = (
 )
 
 
-def _write_statement(schema: str, *, batch: bool, shards: bool) -> sa.TextClause:
+def _write_statement(schema: str, *, batch: bool, shards: bool) -> str:
     """The fenced write, for one key (scalar parameters) or a batch (arrays).
 
     Both forms are the same statement over an ``input`` relation; the scalar
@@ -306,46 +310,46 @@ def _write_statement(schema: str, *, batch: bool, shards: bool) -> sa.TextClause
     """
     s = f'"{schema}"'
     if batch:
-        arrays = ", ".join(f"CAST(:{name}s AS {kind}[])" for name, kind in _INPUT_COLUMNS)
+        arrays = ", ".join(f"CAST(%({name}s)b AS {kind}[])" for name, kind in _INPUT_COLUMNS)
         names = ", ".join(name for name, _ in _INPUT_COLUMNS)
         source = f"SELECT * FROM unnest({arrays}) AS t({names})"
-        count = "cardinality(CAST(:keys AS text[]))"
+        count = "cardinality(CAST(%(keys)b AS text[]))"
     else:
         source = "SELECT " + ", ".join(
-            f"CAST(:{name} AS {kind}) AS {name}" for name, kind in _INPUT_COLUMNS
+            f"CAST(%({name})b AS {kind}) AS {name}" for name, kind in _INPUT_COLUMNS
         )
         count = "1"
     shard_cte = (
         f""", sh AS (
     INSERT INTO {s}.shards (store, key, version, idx, data)
-    SELECT :store, p.key, p.version, p.idx, p.data
-    FROM unnest(CAST(:shard_keys AS text[]), CAST(:shard_versions AS bigint[]),
-                CAST(:shard_idx AS integer[]), CAST(:shard_data AS bytea[]))
+    SELECT %(store)b, p.key, p.version, p.idx, p.data
+    FROM unnest(CAST(%(shard_keys)b AS text[]), CAST(%(shard_versions)b AS bigint[]),
+                CAST(%(shard_idx)b AS integer[]), CAST(%(shard_data)b AS bytea[]))
          AS p(key, version, idx, data)
     JOIN ver USING (key)
 )"""
         if shards
         else ""
     )
-    return sa.text(f"""
+    return f"""
 WITH input AS (
     {source}
 ), lease AS (
     SELECT l.key FROM {s}.locks l JOIN input i ON l.key = i.key AND l.token = i.token
-    WHERE l.store = :store AND l.holder = :holder AND l.expires_at > clock_timestamp()
+    WHERE l.store = %(store)b AND l.holder = CAST(%(holder)b AS uuid) AND l.expires_at > clock_timestamp()
     ORDER BY l.key
     FOR UPDATE OF l
 ), go AS (
     SELECT i.* FROM input i JOIN lease USING (key)
-    WHERE NOT CAST(:atomic AS boolean) OR (SELECT count(*) FROM lease) = {count}
+    WHERE NOT CAST(%(atomic)b AS boolean) OR (SELECT count(*) FROM lease) = {count}
 ), rec AS (
     INSERT INTO {s}.records (store, key)
-    SELECT :store, key FROM go WHERE new_record
+    SELECT %(store)b, key FROM go WHERE new_record
     ON CONFLICT DO NOTHING
 ), ver AS (
     INSERT INTO {s}.versions (store, key, version, holder, token, codec, raw_size, stored_size,
                               checksum, shard_count, inline, migrations)
-    SELECT :store, key, version, :holder, token, codec, raw_size, stored_size, checksum,
+    SELECT %(store)b, key, version, CAST(%(holder)b AS uuid), token, codec, raw_size, stored_size, checksum,
            shard_count, inline, migrations
     FROM go
     ON CONFLICT DO NOTHING
@@ -355,11 +359,24 @@ SELECT i.key, i.version,
        EXISTS (SELECT 1 FROM lease WHERE lease.key = i.key) AS leased,
        EXISTS (SELECT 1 FROM ver WHERE ver.key = i.key) AS written
 FROM input i
-""")
+"""
 
 
 _statements: dict[str, _Statements] = {}
-_writes: dict[tuple[str, bool, bool], sa.TextClause] = {}
+_writes: dict[tuple[str, bool, bool], str] = {}
+
+
+def _binary(conn: sa.Connection) -> psycopg.Cursor[Any]:
+    """A psycopg cursor on the connection's driver connection, binary both ways.
+
+    Used for the statements that move document bytes: psycopg dumps a list
+    of bytes as a text array (escaped by a regex) unless told ``%b``, and
+    returns bytea as hex text unless the cursor is binary; both cost more
+    than the database work for a large document.
+    """
+    driver = conn.connection.driver_connection
+    assert isinstance(driver, psycopg.Connection)
+    return driver.cursor(binary=True, row_factory=namedtuple_row)
 
 
 def statements(schema: str) -> _Statements:
@@ -434,7 +451,9 @@ def write_versions(
         )
     result = WriteResult()
     by_key = {item.key: item for item in items}
-    for row in conn.execute(statement, params).all():
+    with _binary(conn) as cursor:
+        rows = cursor.execute(statement, params).fetchall()
+    for row in rows:
         if row.written:
             result.written.add(row.key)
         elif not row.leased:
@@ -468,12 +487,12 @@ def read_version(
 ) -> StoredVersion | None:
     """The newest version of ``key`` (``version=None``) or the given one; None if absent."""
     sql = statements(schema)
-    if version is None:
-        row = conn.execute(sql.read_newest, {"store": store, "key": key}).first()
-    else:
-        row = conn.execute(
-            sql.read_version, {"store": store, "key": key, "version": version}
-        ).first()
+    with _binary(conn) as cursor:
+        if version is None:
+            cursor.execute(sql.read_newest, {"store": store, "key": key})
+        else:
+            cursor.execute(sql.read_version, {"store": store, "key": key, "version": version})
+        row = cursor.fetchone()
     if row is None:
         return None
     return _stored(row, f"store {store!r} key {key!r} version {row.version}")

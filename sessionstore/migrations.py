@@ -17,7 +17,7 @@ from typing import Any
 from .errors import MigrationError
 from .frozen import freeze, thaw
 
-__all__ = ["MigrationStep", "add_fields", "apply", "check_steps", "transform"]
+__all__ = ["MigrationStep", "add_fields", "apply", "check_steps", "pending", "transform"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,21 @@ def check_steps(steps: Iterable[MigrationStep]) -> tuple[MigrationStep, ...]:
     return checked
 
 
+def pending(
+    steps: Sequence[MigrationStep], applied: Sequence[str], context: str
+) -> list[MigrationStep]:
+    """The steps not yet applied, in order; :class:`MigrationError` for unknown applied names."""
+    known = {step.name for step in steps}
+    unknown = [name for name in applied if name not in known]
+    if unknown:
+        raise MigrationError(
+            f"{context}: stored data has migrations this code does not know: {unknown}; "
+            "it was written by a newer deploy"
+        )
+    done = set(applied)
+    return [step for step in steps if step.name not in done]
+
+
 def apply(
     steps: Sequence[MigrationStep], data: Any, applied: Sequence[str], context: str
 ) -> tuple[Any, list[str], bool]:
@@ -85,19 +100,9 @@ def apply(
     :class:`MigrationError` if a step raises or ``applied`` names a step this
     code does not know.
     """
-    known = {step.name for step in steps}
-    unknown = [name for name in applied if name not in known]
-    if unknown:
-        raise MigrationError(
-            f"{context}: stored data has migrations this code does not know: {unknown}; "
-            "it was written by a newer deploy"
-        )
-    done = set(applied)
     names = list(applied)
     ran = False
-    for step in steps:
-        if step.name in done:
-            continue
+    for step in pending(steps, applied, context):
         try:
             data = step.apply(data)
         except Exception as exc:

@@ -19,7 +19,7 @@ from typing import Any
 
 from .errors import SchemaValidationError
 
-__all__ = ["SchemaLike", "Validator", "make_validator"]
+__all__ = ["SchemaLike", "Validator", "accept_any", "make_validator"]
 
 SchemaLike = Any
 """What ``Store(schema=...)`` accepts; see the module docstring."""
@@ -28,7 +28,8 @@ Validator = Callable[[Any, str], None]
 """``validator(data, context)`` raises :class:`SchemaValidationError` or returns None."""
 
 
-def _accept(data: Any, context: str) -> None:
+def accept_any(data: Any, context: str) -> None:
+    """The validator of a store without a schema."""
     return None
 
 
@@ -106,7 +107,7 @@ def _from_json_schema(schema: dict[str, Any]) -> Validator:
 def make_validator(schema: SchemaLike) -> Validator:
     """Return the validator for ``schema`` (see the module docstring for the forms)."""
     if schema is None:
-        return _accept
+        return accept_any
     if isinstance(schema, dict):
         return _from_json_schema(schema)
     adapted = _from_pydantic(schema)

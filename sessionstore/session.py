@@ -23,7 +23,7 @@ from typing import Any
 from .errors import InvalidDataError, SessionClosedError, TransformError
 from .frozen import decode, encode, encode_with_copy, freeze_json
 from .queue import KeyQueue
-from .schema import Validator
+from .schema import Validator, accept_any
 
 __all__ = ["Change", "Rules", "Session", "Snapshot", "in_transform", "transform_guard"]
 
@@ -64,6 +64,11 @@ class Rules:
     store: str
     validator: Validator
     max_document_size: int
+
+    @property
+    def validates(self) -> bool:
+        """Is there a schema to check (else any JSON is valid)?"""
+        return self.validator is not accept_any
 
     def check(self, value: Any, encoded: bytes, key: str) -> None:
         """Schema and size checks of data already encoded (so known to be JSON)."""

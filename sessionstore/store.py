@@ -463,20 +463,22 @@ class Store:
             "read", lambda conn: files.read_version(conn, self._schema, self.name, key, None)
         )
         if stored is not None:
-            data, applied, ran = self._migrate(decode(stored.raw), stored.info.migrations, context)
-            version, dirty = stored.info.version, ran
+            encoded, applied, dirty = self._bring_forward(
+                stored.raw, stored.info.migrations, key, context
+            )
+            version = stored.info.version
         else:
             legacy = None
             if self._import_legacy_data is not None:
                 legacy = self._import_legacy_data(key)
             if legacy is not None:
                 data, applied, _ = self._migrate(thaw(legacy), (), context)
+                encoded = self._rules.accept(data, key)
                 version, dirty = 0, True
             else:
-                data = decode(self._template)
+                encoded = self._template  # checked against the schema at construction
                 applied = tuple(step.name for step in self._steps)
                 version, dirty = 0, False
-        encoded = self._rules.accept(data, key)
         return Session(
             self._rules,
             key,
@@ -487,6 +489,21 @@ class Store:
             dirty=dirty,
             lease_confirmed_at=acquired_at,
         )
+
+    def _bring_forward(
+        self, raw: bytes, applied: Sequence[str], key: str, context: str
+    ) -> tuple[bytes, tuple[str, ...], bool]:
+        """Stored JSON through pending migrations and the schema: ``(json, applied, migrated)``.
+
+        Stored bytes are already valid JSON: they are decoded only to migrate
+        or to validate, and re-encoded only when a migration ran.
+        """
+        if migrations_module.pending(self._steps, applied, context):
+            data, names, _ = self._migrate(decode(raw), applied, context)
+            return self._rules.accept(data, key), names, True
+        if self._rules.validates:
+            self._rules.check(decode(raw), raw, key)
+        return raw, tuple(applied), False
 
     def _migrate(
         self, data: JSON, applied: Sequence[str], context: str
@@ -953,10 +970,10 @@ class Store:
         if stored is None:
             data = None
         else:
-            migrated, _, _ = self._migrate(
-                decode(stored.raw), stored.info.migrations, f"peek {key!r}"
+            encoded, _, _ = self._bring_forward(
+                stored.raw, stored.info.migrations, key, f"peek {key!r}"
             )
-            data = freeze_json(decode(self._rules.accept(migrated, key)))
+            data = freeze_json(decode(encoded))
         with self._peek_lock:
             self._peek_cache[key] = (read_at, data)
         return data
