@@ -336,7 +336,8 @@ WITH input AS (
     {source}
 ), lease AS (
     SELECT l.key FROM {s}.locks l JOIN input i ON l.key = i.key AND l.token = i.token
-    WHERE l.store = %(store)b AND l.holder = CAST(%(holder)b AS uuid) AND l.expires_at > clock_timestamp()
+    WHERE l.store = %(store)b AND l.holder = CAST(%(holder)b AS uuid)
+      AND l.expires_at > clock_timestamp()
     ORDER BY l.key
     FOR UPDATE OF l
 ), go AS (
@@ -349,8 +350,8 @@ WITH input AS (
 ), ver AS (
     INSERT INTO {s}.versions (store, key, version, holder, token, codec, raw_size, stored_size,
                               checksum, shard_count, inline, migrations)
-    SELECT %(store)b, key, version, CAST(%(holder)b AS uuid), token, codec, raw_size, stored_size, checksum,
-           shard_count, inline, migrations
+    SELECT %(store)b, key, version, CAST(%(holder)b AS uuid), token, codec, raw_size,
+           stored_size, checksum, shard_count, inline, migrations
     FROM go
     ON CONFLICT DO NOTHING
     RETURNING key

@@ -77,7 +77,16 @@ def _close_open_stores() -> None:
             logger.exception("closing store %r at interpreter exit failed", store.name)
 
 
-atexit.register(_close_open_stores)
+def _close_at_exit() -> None:
+    """(Re-)register the exit hook so that it runs before hooks registered earlier.
+
+    atexit runs hooks last-in, first-out; the embedded server registers its
+    own stop hook when it starts, which is after this module was imported.
+    Re-registering on every new Store keeps ours first, so stores still save
+    while their database is up.
+    """
+    atexit.unregister(_close_open_stores)
+    atexit.register(_close_open_stores)
 
 
 class Store:
@@ -230,6 +239,7 @@ class Store:
         self._scheduler.every(self.autosave_interval, self._autosave_tick)
         self._scheduler.every(float(janitor_interval), self._janitor_tick)
         _open_stores.add(self)
+        _close_at_exit()
         self._log(logging.DEBUG, None, "store opened")
 
     # -- context managers --------------------------------------------------------
