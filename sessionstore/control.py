@@ -119,5 +119,5 @@ class ControlConnection:
                 self._ready.clear()
                 logger.warning("control connection lost, reconnecting: %s", exc)
                 time.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                delay = min(delay * 2, 0.25)  # back well within a takeover grace
         self._ready.clear()

@@ -8,7 +8,7 @@ subclass :class:`SessionStoreError`; errors caused by bad input also subclass
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 if sys.version_info >= (3, 11):  # pragma: no cover - depends on the interpreter
     from builtins import ExceptionGroup
@@ -65,7 +65,14 @@ class LockUnavailableError(SessionStoreError):
 
 
 class LockLostError(SessionStoreError):
-    """The lease was lost before the write; nothing was written."""
+    """The lease was lost before the write; nothing was written.
+
+    ``keys`` names the keys whose lease was found lost.
+    """
+
+    def __init__(self, message: str, keys: Iterable[str] = ()) -> None:
+        super().__init__(message)
+        self.keys = frozenset(keys)
 
 
 class SchemaValidationError(SessionStoreError, ValueError):

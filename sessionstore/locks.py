@@ -74,11 +74,14 @@ ON CONFLICT (store, key) DO UPDATE
            AND NOT {ALIVE_SQL.format(holder="l.holder")})
 RETURNING token
 """)
+        # Renew exactly the leases the holder still uses: a lease it no longer
+        # tracks (a release that failed) is left to expire.
         self.renew = sa.text(f"""
 UPDATE {s}.locks l SET expires_at = clock_timestamp() + make_interval(secs => :duration)
 FROM (
     SELECT key FROM {s}.locks
     WHERE store = :store AND holder = :holder AND expires_at > clock_timestamp()
+      AND (key, token) IN (SELECT * FROM unnest(CAST(:keys AS text[]), CAST(:tokens AS bigint[])))
     ORDER BY key
     FOR UPDATE
 ) mine
@@ -144,10 +147,26 @@ def acquire(
 
 
 def renew(
-    conn: sa.Connection, schema: str, store: str, holder: str, duration: float
+    conn: sa.Connection,
+    schema: str,
+    store: str,
+    holder: str,
+    duration: float,
+    leases: Iterable[tuple[str, int]],
 ) -> dict[str, int]:
-    """Extend every live lease of ``holder``; returns what was renewed, ``{key: token}``."""
-    params = {"store": store, "holder": holder, "duration": duration}
+    """Extend the given live ``(key, token)`` leases of ``holder`` in one statement.
+
+    Returns what was renewed, ``{key: token}``; a lease missing from it has
+    expired or was taken over.
+    """
+    pairs = sorted(leases)
+    params = {
+        "store": store,
+        "holder": holder,
+        "duration": duration,
+        "keys": [key for key, _ in pairs],
+        "tokens": [token for _, token in pairs],
+    }
     return {row.key: row.token for row in conn.execute(lease_statements(schema).renew, params)}
 
 
@@ -184,6 +203,11 @@ def info(conn: sa.Connection, schema: str, store: str, key: str) -> LeaseInfo | 
     )
 
 
+def holder_alive(conn: sa.Connection, holder: str) -> bool:
+    """Does ``holder`` hold its advisory lock, as other connections see it?"""
+    return bool(conn.execute(_ALIVE, {"holder": holder}).scalar())
+
+
 def request_handoff(conn: sa.Connection, holder: str, key: str) -> None:
     """Ask a live holder to save and release ``key`` (it may refuse)."""
     params = {"channel": channel_for(holder), "key": key}
@@ -191,3 +215,4 @@ def request_handoff(conn: sa.Connection, holder: str, key: str) -> None:
 
 
 _NOTIFY = sa.text("SELECT pg_notify(:channel, :key)")
+_ALIVE = sa.text("SELECT " + ALIVE_SQL.format(holder="CAST(:holder AS uuid)"))

@@ -19,20 +19,32 @@ __all__ = ["KeyQueue"]
 class KeyQueue:
     """A first-come, first-served lock: turns are granted in request order."""
 
-    __slots__ = ("_cond", "_next", "_serving")
+    __slots__ = ("_abandoned", "_cond", "_next", "_serving")
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
         self._next = 0
         self._serving = 0
+        self._abandoned: set[int] = set()
 
     def acquire(self) -> None:
         """Wait for this caller's turn."""
         with self._cond:
             ticket = self._next
             self._next += 1
-            while self._serving != ticket:
-                self._cond.wait()
+            try:
+                while self._serving != ticket:
+                    self._cond.wait()
+            except BaseException:  # e.g. KeyboardInterrupt: give the turn up, in order
+                self._abandoned.add(ticket)
+                self._skip_abandoned()
+                raise
+
+    def _skip_abandoned(self) -> None:
+        while self._serving in self._abandoned:
+            self._abandoned.discard(self._serving)
+            self._serving += 1
+            self._cond.notify_all()
 
     def try_acquire(self) -> bool:
         """Take the turn only if nobody holds it or waits for it."""
@@ -45,6 +57,7 @@ class KeyQueue:
     def release(self) -> None:
         with self._cond:
             self._serving += 1
+            self._skip_abandoned()
             self._cond.notify_all()
 
     @contextmanager

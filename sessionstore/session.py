@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,10 +26,18 @@ from .frozen import decode, encode, encode_with_copy, freeze_json
 from .queue import KeyQueue
 from .schema import Validator, accept_any
 
-__all__ = ["Change", "Rules", "Session", "Snapshot", "in_transform", "transform_guard"]
+__all__ = [
+    "Change",
+    "Rules",
+    "Session",
+    "Snapshot",
+    "ViewCache",
+    "in_transform",
+    "run_transform",
+    "transform_guard",
+]
 
 _local = threading.local()
-_UNSET: Any = object()
 
 
 def in_transform() -> bool:
@@ -57,13 +66,44 @@ def run_transform(fn: Callable[..., Any], argument: Any, context: str) -> Any:
             raise TransformError(f"{context}: transform raised {exc!r}") from exc
 
 
+class ViewCache:
+    """Caps how many sessions of a store keep decoded copies of their data.
+
+    A session always keeps its JSON bytes; its frozen view (built by the
+    first ``get`` after a change) and its spare copy (left by ``update``)
+    cost several times that in Python objects. Only the ``size`` sessions
+    that most recently gained one keep them; older ones drop them and
+    rebuild on demand. First in, first out, so a ``get`` that finds its view
+    takes no lock.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._members: OrderedDict[int, Session] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def admit(self, session: Session) -> None:
+        with self._lock:
+            if id(session) in self._members:
+                return
+            self._members[id(session)] = session
+            while len(self._members) > self.size:
+                _, oldest = self._members.popitem(last=False)
+                oldest.drop_views()
+
+    def forget(self, session: Session) -> None:
+        with self._lock:
+            self._members.pop(id(session), None)
+
+
 @dataclass(frozen=True)
 class Rules:
-    """What every change of a store's documents must satisfy."""
+    """What every change of a store's documents must satisfy, and its shared caches."""
 
     store: str
     validator: Validator
     max_document_size: int
+    views: ViewCache
 
     @property
     def validates(self) -> bool:
@@ -126,11 +166,14 @@ class Session:
         self.token = token
         self.encoded = encoded
         """The current data as JSON bytes: the source of truth."""
-        self._frozen: Any = _UNSET
+        # (encoded, frozen view of it): valid while ``encoded`` is that object.
+        # One tuple, so readers need no lock: a transform may call get().
+        self._view: tuple[bytes, Any] | None = None
         # A private decoded copy equal to ``encoded`` that nobody else can
         # reach: the next update hands it to its transform instead of decoding
         # again (the validation in encode_with_copy produced it for free).
         self._spare: Any = None
+        self._close_lock = threading.Lock()
         self.version = version
         """Newest version in the database (0: none yet)."""
         self.migrations = migrations
@@ -149,22 +192,27 @@ class Session:
     @property
     def data(self) -> Any:
         """The current data, frozen; built on first use after each change, then shared."""
-        frozen = self._frozen
-        if frozen is _UNSET:
-            with self.cond:
-                frozen = self._data_locked()
+        encoded = self.encoded
+        view = self._view
+        if view is not None and view[0] is encoded:
+            return view[1]
+        frozen = freeze_json(decode(encoded))
+        self._view = (encoded, frozen)
+        self.rules.views.admit(self)
         return frozen
 
-    def _data_locked(self) -> Any:
-        if self._frozen is _UNSET:
-            self._frozen = freeze_json(decode(self.encoded))
-        return self._frozen
+    def drop_views(self) -> None:
+        """Forget the decoded copies (they are rebuilt from ``encoded`` on demand)."""
+        self._view = None
+        self._spare = None
 
     def _set(self, encoded: bytes, spare: Any = None) -> None:
         """Replace the current data (caller holds ``cond``)."""
         self.encoded = encoded
-        self._frozen = _UNSET
+        self._view = None
         self._spare = spare
+        if spare is not None:
+            self.rules.views.admit(self)
 
     @property
     def closed(self) -> bool:
@@ -188,13 +236,17 @@ class Session:
             self.cond.wait()
 
     def close(self, reason: str) -> bool:
-        """Close the session; False if it was already closed."""
-        with self.cond:
+        """Close the session; False if it was already closed.
+
+        Does not wait for a running transform (its commit then fails the
+        open check of the next call, and the write is fenced anyway).
+        """
+        with self._close_lock:
             if self.closed_reason is not None:
                 return False
             self.closed_reason = reason
-            self.cond.notify_all()
-            return True
+        self.rules.views.forget(self)
+        return True
 
     # -- in-memory changes ----------------------------------------------------
 
@@ -204,6 +256,7 @@ class Session:
         # Byte equality: 1 == 1.0 == True in Python, but not in the stored JSON.
         if encoded == self.encoded:
             self._spare = copy
+            self.rules.views.admit(self)
             return None
         self.rules.check(value, encoded, self.key)
         change = Change(self.encoded, encoded)
@@ -233,7 +286,7 @@ class Session:
         with self.cond:
             self._wait_for_tx()
             self.check_open()
-            result = run_transform(fn, self._data_locked(), self._context())
+            result = run_transform(fn, self.data, self._context())
             if result is False:
                 return False, None
             if result is True or result is None:
@@ -272,6 +325,20 @@ class Session:
         with self.cond:
             self.saved_seq = max(self.saved_seq, snapshot.seq)
             self.version = snapshot.version
+
+    def note_attempt(self, version: int) -> None:
+        """A write of ``version`` failed without an answer: it may or may not exist.
+
+        Later writes use higher numbers, so they can never be mistaken for it
+        (the newest version is current, so a gap is harmless).
+        """
+        with self.cond:
+            self.version = max(self.version, version)
+
+    def touch(self) -> None:
+        """Mark the session dirty without a change (the next save writes a version)."""
+        with self.cond:
+            self.change_seq += 1
 
     def abort_unload(self) -> None:
         with self.cond:

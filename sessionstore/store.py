@@ -25,7 +25,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar
@@ -58,7 +58,15 @@ from .migrations import MigrationStep
 from .retry import AttemptWithBackoff, RetryPolicy, with_retries
 from .sched import Scheduler
 from .schema import SchemaLike, make_validator
-from .session import Change, Rules, Session, Snapshot, in_transform, run_transform
+from .session import (
+    Change,
+    Rules,
+    Session,
+    Snapshot,
+    ViewCache,
+    in_transform,
+    run_transform,
+)
 
 __all__ = ["SessionHandle", "Store"]
 
@@ -149,7 +157,8 @@ class Store:
         peek_cache_size: int = 1024,
         control_dsn: str | None = None,
         instant_takeover: bool = True,
-        takeover_grace: float = 1.0,
+        takeover_grace: float = 2.0,
+        view_cache_size: int = 1024,
     ) -> None:
         if not isinstance(name, str) or not _STORE_NAME.match(name):
             raise ValueError(
@@ -167,7 +176,9 @@ class Store:
         self.holder = str(uuid.uuid4())
         self._schema = db.validate_identifier(db_schema)
         self._steps = migrations_module.check_steps(migrations)
-        self._rules = Rules(name, make_validator(schema), max_document_size)
+        self._rules = Rules(
+            name, make_validator(schema), max_document_size, ViewCache(view_cache_size)
+        )
         try:
             self._template = self._rules.accept(template, "<template>")
         except SessionStoreError as exc:
@@ -213,6 +224,9 @@ class Store:
         self._lock = threading.Lock()
         self._sessions: dict[str, Session] = {}
         self._loading: set[str] = set()
+        # Leases taken for a load or erase still in progress: the heartbeat
+        # renews them too, though no session exists yet.
+        self._acquired: dict[str, int] = {}
         self._tx_keys: set[str] = set()
         self._closed = False
         self._heartbeat_conn: sa.Connection | None = None
@@ -234,6 +248,18 @@ class Store:
             raise StorageUnavailableError(
                 f"store {name!r}: control connection failed: {self._control.last_error}"
             )
+        if self._liveness and not self._db(
+            "liveness check", lambda conn: locks.holder_alive(conn, self.holder)
+        ):
+            # e.g. a control_dsn on another server or through a pooler: others
+            # could never see us alive, so never offer instant takeover.
+            self._log(
+                logging.WARNING,
+                None,
+                "the control connection's advisory lock is not visible to other sessions; "
+                "instant takeover is off (leases are taken only when they expire)",
+            )
+            self._liveness = False
         self._scheduler = Scheduler(f"sessionstore-sched-{name}")
         self._scheduler.every(self.lock_refresh_interval, self._heartbeat)
         self._scheduler.every(self.autosave_interval, self._autosave_tick)
@@ -328,25 +354,39 @@ class Store:
                 self._log(logging.ERROR, key, "changed callback %r raised", callback)
                 logger.exception("changed callback raised")
 
-    def _lose(self, session: Session, reason: str) -> None:
-        """Close a session whose lease is gone; tell the application once."""
+    def _lose(self, session: Session, reason: str, *, background: bool = False) -> None:
+        """Close a session whose lease is gone; tell the application once.
+
+        From the scheduler thread (``background``) the callback runs on the
+        saver thread, so that a callback that reloads the key cannot delay
+        the heartbeat of every other key.
+        """
         if not session.close(reason):
             return
         self._log(logging.WARNING, session.key, "lease lost: %s", reason)
-        if self._on_lock_lost is not None:
-            try:
-                self._on_lock_lost(session.key)
-            except Exception:
-                logger.exception("on_lock_lost callback raised")
+        if not (background and self._submit(lambda: self._tell_lost(session.key))):
+            self._tell_lost(session.key)
+
+    def _tell_lost(self, key: str) -> None:
+        if self._on_lock_lost is None:
+            return
+        try:
+            self._on_lock_lost(key)
+        except Exception:
+            logger.exception("on_lock_lost callback raised")
 
     @contextmanager
     def _turns(self, sessions: Sequence[Session]) -> Iterator[None]:
         """Hold the FIFO turns of ``sessions`` (already in key order)."""
-        with ExitStack() as stack:
+        taken = 0
+        try:
             for session in sessions:
                 session.queue.acquire()
-                stack.callback(session.queue.release)
+                taken += 1
             yield
+        finally:
+            for session in sessions[:taken]:
+                session.queue.release()
 
     # -- load ----------------------------------------------------------------------
 
@@ -359,13 +399,22 @@ class Store:
         self._check_open()
         check_key(key)
         self._refuse_reentry("load")
-        with self._lock:
-            existing = self._sessions.get(key)
-            if existing is not None and not existing.closed:
-                return
-            if key in self._loading:
-                raise LoadInProgressError(f"store {self.name!r} key {key!r} is already loading")
-            self._loading.add(key)
+        while True:
+            with self._lock:
+                existing = self._sessions.get(key)
+                if existing is None or existing.closed:
+                    if key in self._loading:
+                        raise LoadInProgressError(
+                            f"store {self.name!r} key {key!r} is already loading"
+                        )
+                    self._loading.add(key)
+                    break
+                if not existing.unloading:
+                    return
+            # An unload or handoff of the key is running: once it is done,
+            # load the key afresh (or find it kept, if the unload failed).
+            with existing.queue.turn():
+                pass
         try:
             session = self._load_session(key)
             with self._lock:
@@ -380,6 +429,7 @@ class Store:
         finally:
             with self._lock:
                 self._loading.discard(key)
+                self._acquired.pop(key, None)
         self._log(
             logging.DEBUG, key, "loaded with token %s at version %s", session.token, session.version
         )
@@ -417,6 +467,8 @@ class Store:
                 ),
             )
             if token is not None:
+                with self._lock:
+                    self._acquired[key] = token
                 if dead is not None:
                     self._log(
                         logging.INFO,
@@ -566,32 +618,34 @@ class Store:
         pending: list[tuple[Session, Snapshot]] = []
         for session in sessions:
             if session.closed:
-                errors[session.key] = SessionClosedError(
-                    f"store {self.name!r} key {session.key!r}: "
-                    f"session closed ({session.closed_reason})"
-                )
+                if not session.saved:  # closed (lease lost) with changes never written
+                    errors[session.key] = SessionClosedError(
+                        f"store {self.name!r} key {session.key!r}: session closed "
+                        f"({session.closed_reason}) with changes that were never written"
+                    )
                 continue
             snapshot = session.snapshot(unloading=unloading)
             if snapshot is not None:
                 pending.append((session, snapshot))
         for start in range(0, len(pending), self._batch_size):
             batch = pending[start : start + self._batch_size]
-            items = [
-                WriteItem(
-                    session.key,
-                    snap.token,
-                    snap.version,
-                    files.encode_file(snap.encoded, self._files),
-                    snap.migrations,
-                    snap.new_record,
-                )
-                for session, snap in batch
-            ]
             try:
+                items = [
+                    WriteItem(
+                        session.key,
+                        snap.token,
+                        snap.version,
+                        files.encode_file(snap.encoded, self._files),
+                        snap.migrations,
+                        snap.new_record,
+                    )
+                    for session, snap in batch
+                ]
                 result = self._write(items, atomic=False)
             except Exception as exc:
                 self._log(logging.ERROR, None, "saving %d keys failed: %s", len(batch), exc)
-                for session, _ in batch:
+                for session, snap in batch:
+                    session.note_attempt(snap.version)
                     errors[session.key] = exc
                 continue
             for session, snap in batch:
@@ -622,10 +676,16 @@ class Store:
             return  # the previous batch is still writing
         self._submit(self._autosave)
 
-    def _submit(self, work: Callable[[], object]) -> None:
-        """Run ``work`` on the saver thread (never on the scheduler: it must stay punctual)."""
-        with contextlib.suppress(RuntimeError):  # executor shut down: the store is closing
+    def _submit(self, work: Callable[[], object]) -> bool:
+        """Run ``work`` on the saver thread (never on the scheduler: it must stay punctual).
+
+        False if the saver has shut down (the store is closing).
+        """
+        try:
             self._saver.submit(self._logged, work)
+        except RuntimeError:
+            return False
+        return True
 
     def _logged(self, work: Callable[[], object]) -> None:
         try:
@@ -706,7 +766,7 @@ class Store:
             self._release_quietly([(s.key, s.token) for s in done])
             for session in sessions:
                 error = errors.get(session.key)
-                if isinstance(error, StorageUnavailableError):
+                if error is not None and not isinstance(error, LockLostError | SessionClosedError):
                     session.abort_unload()  # still loaded, data kept: the caller may retry
                     continue
                 session.close(reason)
@@ -743,11 +803,7 @@ class Store:
             self._log(logging.WARNING, key, "handoff failed, keeping the key: %s", errors[key])
             return
         self._log(logging.INFO, key, "handed over to another process")
-        if self._on_lock_lost is not None:
-            try:
-                self._on_lock_lost(key)
-            except Exception:
-                logger.exception("on_lock_lost callback raised")
+        self._tell_lost(key)
 
     def unload(self, key: str) -> None:
         """Save pending changes, release the lease and forget the key.
@@ -781,16 +837,27 @@ class Store:
 
         Idempotent; afterwards every other call raises :class:`StoreClosedError`.
         """
+        self._refuse_reentry("close")
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        self._refuse_reentry("close")
         _open_stores.discard(self)
-        self._scheduler.stop()
+        self._scheduler.stop(timeout=30.0)
         self._saver.shutdown(wait=True)
-        sessions = sorted((s for s in self._sessions.values() if not s.closed), key=lambda s: s.key)
-        errors: dict[str, Exception] = {}
+        with self._lock:
+            everything = sorted(self._sessions.values(), key=lambda s: s.key)
+        # Sessions closed earlier (lease lost) with changes never written are
+        # reported here too: close() must not be the place they vanish.
+        sessions = [s for s in everything if not s.closed]
+        errors: dict[str, Exception] = {
+            s.key: SessionClosedError(
+                f"store {self.name!r} key {s.key!r}: session closed ({s.closed_reason}) "
+                "with changes that were never written"
+            )
+            for s in everything
+            if s.closed and not s.saved
+        }
         for start in range(0, len(sessions), self._batch_size * 4):
             errors.update(self._unload_sessions(sessions[start : start + self._batch_size * 4]))
         with self._lock:
@@ -814,13 +881,30 @@ class Store:
     # -- heartbeat --------------------------------------------------------------------
 
     def _heartbeat(self) -> None:
-        held = {s.key: s for s in list(self._sessions.values()) if not s.closed}
+        # Sessions being unloaded are left out of the loss check: their lease
+        # is released on purpose (it is still renewed until then).
+        with self._lock:
+            sessions = [s for s in self._sessions.values() if not s.closed]
+            leases = [(s.key, s.token) for s in sessions]
+            leases.extend(self._acquired.items())
+        held = {s.key: s for s in sessions if not s.unloading}
+        if not leases:
+            return
         started = time.monotonic()
         try:
             if self._heartbeat_conn is None:
                 self._heartbeat_conn = self._engine.connect()
+                # A heartbeat stuck behind a lock must not stall the scheduler.
+                self._heartbeat_conn.exec_driver_sql(
+                    f"SET statement_timeout = {int(self.lock_refresh_interval * 1000)}"
+                )
             renewed = locks.renew(
-                self._heartbeat_conn, self._schema, self.name, self.holder, self.lock_duration
+                self._heartbeat_conn,
+                self._schema,
+                self.name,
+                self.holder,
+                self.lock_duration,
+                leases,
             )
         except Exception as exc:
             self._log(logging.WARNING, None, "heartbeat failed: %s", exc)
@@ -834,13 +918,19 @@ class Store:
             # Without a renewal we cannot know; past the lease length we can.
             for session in held.values():
                 if session.lease_overdue(self.lock_duration):
-                    self._lose(session, "lease expired while the database was unreachable")
+                    self._lose(
+                        session,
+                        "lease expired while the database was unreachable",
+                        background=True,
+                    )
             return
         for key, session in held.items():
             if renewed.get(key) == session.token:
                 session.confirm_lease(started)
-            else:
-                self._lose(session, "lease was not renewed (expired or taken over)")
+            elif not session.unloading:
+                self._lose(
+                    session, "lease was not renewed (expired or taken over)", background=True
+                )
 
     # -- transactions -----------------------------------------------------------------
 
@@ -887,13 +977,24 @@ class Store:
                     for session in sessions:
                         session.begin_tx()
                         begun.append(session)
-                    return self._tx_held(sessions, fn, immutable=immutable, context=context)
+                    outcome = self._tx_held(sessions, fn, immutable=immutable, context=context)
                 finally:
                     for session in begun:
                         session.end_tx()
         finally:
             with self._lock:
                 self._tx_keys.difference_update(ordered)
+        # Callbacks run once the keys are free again: they may use them.
+        if outcome is None:
+            return False
+        if isinstance(outcome, LockLostError):
+            for session in sessions:
+                if session.key in outcome.keys:
+                    self._lose(session, "lease lost before tx")
+            raise outcome
+        for session, change in outcome:
+            self._announce(session, change)
+        return True
 
     def _tx_held(
         self,
@@ -902,12 +1003,13 @@ class Store:
         *,
         immutable: bool,
         context: str,
-    ) -> bool:
+    ) -> list[tuple[Session, Change | None]] | LockLostError | None:
+        """Run the transform and the atomic write; the changes, a lost lease, or None (abort)."""
         keys = {s.key for s in sessions}
         if immutable:
             result = run_transform(fn, {s.key: s.data for s in sessions}, context)
             if result is False:
-                return False
+                return None
             if not isinstance(result, Mapping):
                 raise TransformError(
                     f"{context}: transform must return a dict of new data or False"
@@ -917,7 +1019,7 @@ class Store:
             work = {s.key: decode(s.encoded) for s in sessions}
             verdict = run_transform(fn, work, context)
             if verdict is False:
-                return False
+                return None
             if verdict is not True:
                 raise TransformError(
                     f"{context}: transform must return True or False, not {type(verdict).__name__}"
@@ -940,23 +1042,23 @@ class Store:
             )
             for s in sessions
         ]
-        result_write = self._write(items, atomic=True)
+        try:
+            result_write = self._write(items, atomic=True)
+        except Exception:
+            for session, item in zip(sessions, items, strict=True):
+                session.note_attempt(item.version)
+            raise
         if result_write.lost:
-            for session in sessions:
-                if session.key in result_write.lost:
-                    self._lose(session, "lease lost before tx")
-            raise LockLostError(
-                f"{context}: lease lost for {sorted(result_write.lost)}; nothing was written"
+            return LockLostError(
+                f"{context}: lease lost for {sorted(result_write.lost)}; nothing was written",
+                result_write.lost,
             )
         if result_write.written != keys:  # pragma: no cover - version clash
             raise SessionStoreError(f"{context}: the database refused the write")
-        changes = [
+        return [
             (session, session.commit_written(prepared[session.key], session.version + 1))
             for session in sessions
         ]
-        for session, change in changes:
-            self._announce(session, change)
-        return True
 
     # -- lock-free reads and history ------------------------------------------------------
 
@@ -1046,7 +1148,10 @@ class Store:
         if stored is None:
             raise VersionNotFoundError(f"store {self.name!r} key {key!r} has no version {version}")
         data, _, _ = self._migrate(decode(stored.raw), stored.info.migrations, f"restore {key!r}")
-        self._announce(session, session.replace(data))
+        change = session.replace(data)
+        if change is None:
+            session.touch()  # the rollback is in the history even if nothing differs
+        self._announce(session, change)
         self.save(key)
 
     def erase(self, key: str) -> None:
@@ -1064,11 +1169,11 @@ class Store:
                 session.snapshot(unloading=True)
                 try:
                     self._erase_with(key, session.token)
-                except StorageUnavailableError:
-                    session.abort_unload()
-                    raise
                 except LockLostError:
                     self._lose(session, "lease lost before erase")
+                    raise
+                except BaseException:
+                    session.abort_unload()
                     raise
                 session.close("erased")
                 with self._lock:
@@ -1089,6 +1194,7 @@ class Store:
         finally:
             with self._lock:
                 self._loading.discard(key)
+                self._acquired.pop(key, None)
             if session is not None:
                 with self._lock:
                     if self._sessions.get(key) is session:
