@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import psycopg
 import sqlalchemy as sa
@@ -67,12 +67,14 @@ class ControlConnection:
         *,
         liveness: bool,
         reconnect_delay: float = 0.05,
+        log_extra: Mapping[str, object] | None = None,
     ) -> None:
         self._conninfo = conninfo
         self._holder = holder
         self._channel = channel_for(holder)
         self._on_request = on_request
         self._liveness = liveness
+        self._log_extra = log_extra
         self._reconnect_delay = reconnect_delay
         self._stopped = threading.Event()
         self._ready = threading.Event()
@@ -117,7 +119,12 @@ class ControlConnection:
                 if self._stopped.is_set():
                     break
                 self._ready.clear()
-                logger.warning("control connection lost, reconnecting: %s", exc)
+                logger.warning(
+                    "%s: control connection lost, reconnecting: %s",
+                    self._thread.name,
+                    exc,
+                    extra=self._log_extra,
+                )
                 time.sleep(delay)
                 delay = min(delay * 2, 0.25)  # back well within a takeover grace
         self._ready.clear()

@@ -92,6 +92,15 @@ class StoredVersion:
     info: VersionInfo
     raw: bytes
     """The document's JSON bytes, checksum verified."""
+    context: str
+    """``store ... key ... version N``, for error messages."""
+
+    def decode(self) -> Any:
+        """The document as plain data; :class:`CorruptDataError` if the JSON does not parse."""
+        try:
+            return orjson.loads(self.raw)
+        except orjson.JSONDecodeError as exc:
+            raise CorruptDataError(f"{self.context}: stored JSON does not decode: {exc}") from exc
 
 
 @dataclass
@@ -498,7 +507,7 @@ def _stored(row: Any, context: str) -> StoredVersion:
     raw = decode_file(
         row.codec, row.raw_size, row.checksum, row.shard_count, row.inline, row.shards, context
     )
-    return StoredVersion(_info(row), raw)
+    return StoredVersion(_info(row), raw, context)
 
 
 def read_version(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -85,7 +85,13 @@ class AttemptWithBackoff:
         return True
 
 
-def with_retries(policy: RetryPolicy, what: str, operation: Callable[[], T]) -> T:
+def with_retries(
+    policy: RetryPolicy,
+    what: str,
+    operation: Callable[[], T],
+    *,
+    extra: Mapping[str, object] | None = None,
+) -> T:
     """Run ``operation``, retrying transient errors until ``policy.timeout``.
 
     Raises :class:`StorageUnavailableError` (original chained) once out of
@@ -102,4 +108,4 @@ def with_retries(policy: RetryPolicy, what: str, operation: Callable[[], T]) -> 
                 raise StorageUnavailableError(
                     f"{what}: database unavailable after {attempt.attempts} attempts: {exc}"
                 ) from exc
-            logger.warning("%s: transient database error, retrying: %s", what, exc)
+            logger.warning("%s: transient database error, retrying: %s", what, exc, extra=extra)

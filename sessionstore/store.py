@@ -74,6 +74,7 @@ T = TypeVar("T")
 logger = logging.getLogger("sessionstore")
 
 _STORE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_SPARE_LIMIT = 1024 * 1024
 _open_stores: weakref.WeakSet[Store] = weakref.WeakSet()
 
 
@@ -238,7 +239,12 @@ class Store:
             engine.url if control_dsn is None else sa.make_url(db.resolve_url(control_dsn))
         )
         self._control = ControlConnection(
-            conninfo, self.holder, name, self._on_handoff_request_notify, liveness=self._liveness
+            conninfo,
+            self.holder,
+            name,
+            self._on_handoff_request_notify,
+            liveness=self._liveness,
+            log_extra=self._log_extra(),
         )
         if not self._control.wait_ready(max(retry_timeout, 5.0)):
             self._control.stop()
@@ -296,15 +302,22 @@ class Store:
 
     # -- helpers -------------------------------------------------------------------
 
-    def _log(self, level: int, key: str | None, message: str, *args: object) -> None:
+    def _log(
+        self, level: int, key: str | None, message: str, *args: object, exc_info: bool = False
+    ) -> None:
+        """Log on ``sessionstore`` with ``store``, ``key`` and ``holder`` on the record."""
         if logger.isEnabledFor(level):
             where = f"store {self.name!r}" + (f" key {key!r}" if key is not None else "")
             logger.log(
                 level,
                 f"{where}: {message}",
                 *args,
-                extra={"store": self.name, "key": key, "holder": self.holder},
+                exc_info=exc_info,
+                extra=self._log_extra(key),
             )
+
+    def _log_extra(self, key: str | None = None) -> dict[str, object]:
+        return {"store": self.name, "key": key, "holder": self.holder}
 
     def _db(self, what: str, operation: Callable[[sa.Connection], T]) -> T:
         """Run ``operation`` on a pooled autocommit connection, retrying transient errors."""
@@ -313,7 +326,9 @@ class Store:
             with self._engine.connect() as conn:
                 return operation(conn)
 
-        return with_retries(self._retry, f"store {self.name!r}: {what}", attempt)
+        return with_retries(
+            self._retry, f"store {self.name!r}: {what}", attempt, extra=self._log_extra()
+        )
 
     def _check_open(self) -> None:
         if self._closed:
@@ -351,8 +366,7 @@ class Store:
             try:
                 callback(key, new, old)
             except Exception:
-                self._log(logging.ERROR, key, "changed callback %r raised", callback)
-                logger.exception("changed callback raised")
+                self._log(logging.ERROR, key, "changed callback %r raised", callback, exc_info=True)
 
     def _lose(self, session: Session, reason: str, *, background: bool = False) -> None:
         """Close a session whose lease is gone; tell the application once.
@@ -373,7 +387,7 @@ class Store:
         try:
             self._on_lock_lost(key)
         except Exception:
-            logger.exception("on_lock_lost callback raised")
+            self._log(logging.ERROR, key, "on_lock_lost callback raised", exc_info=True)
 
     @contextmanager
     def _turns(self, sessions: Sequence[Session]) -> Iterator[None]:
@@ -525,10 +539,13 @@ class Store:
             "read", lambda conn: files.read_version(conn, self._schema, self.name, key, None)
         )
         if stored is not None:
-            encoded, applied, dirty = self._bring_forward(
-                stored.raw, stored.info.migrations, key, context
-            )
+            encoded, applied, dirty, data = self._bring_forward(stored, key)
             version = stored.info.version
+            # Keep the parsed copy for the first update, unless it is large
+            # (Python objects cost several times the JSON) or a schema
+            # callable has seen it (it could have changed it).
+            keep = not dirty and not self._rules.validates and len(encoded) <= _SPARE_LIMIT
+            spare = data if keep else None
         else:
             legacy = None
             if self._import_legacy_data is not None:
@@ -536,11 +553,11 @@ class Store:
             if legacy is not None:
                 data, applied, _ = self._migrate(thaw(legacy), (), context)
                 encoded = self._rules.accept(data, key)
-                version, dirty = 0, True
+                version, dirty, spare = 0, True, None
             else:
                 encoded = self._template  # checked against the schema at construction
                 applied = tuple(step.name for step in self._steps)
-                version, dirty = 0, False
+                version, dirty, spare = 0, False, None
         return Session(
             self._rules,
             key,
@@ -550,22 +567,29 @@ class Store:
             applied,
             dirty=dirty,
             lease_confirmed_at=acquired_at,
+            spare=spare,
         )
 
     def _bring_forward(
-        self, raw: bytes, applied: Sequence[str], key: str, context: str
-    ) -> tuple[bytes, tuple[str, ...], bool]:
-        """Stored JSON through pending migrations and the schema: ``(json, applied, migrated)``.
+        self, stored: files.StoredVersion, key: str
+    ) -> tuple[bytes, tuple[str, ...], bool, JSON]:
+        """A stored version through pending migrations and the schema.
 
-        Stored bytes are already valid JSON: they are decoded only to migrate
-        or to validate, and re-encoded only when a migration ran.
+        Returns ``(json bytes, applied migrations, migrated?, plain data)``.
+        The stored JSON is parsed here, so data that does not decode fails
+        the load loudly (``CorruptDataError``); it is re-encoded only when a
+        migration ran.
         """
-        if migrations_module.pending(self._steps, applied, context):
-            data, names, _ = self._migrate(decode(raw), applied, context)
-            return self._rules.accept(data, key), names, True
+        applied = stored.info.migrations
+        steps = migrations_module.pending(self._steps, applied, stored.context)
+        data = stored.decode()
+        if steps:
+            data, names, _ = self._migrate(data, applied, stored.context)
+            encoded = self._rules.accept(data, key)
+            return encoded, names, True, decode(encoded)
         if self._rules.validates:
-            self._rules.check(decode(raw), raw, key)
-        return raw, tuple(applied), False
+            self._rules.check(data, stored.raw, key)
+        return stored.raw, tuple(applied), False, data
 
     def _migrate(
         self, data: JSON, applied: Sequence[str], context: str
@@ -691,7 +715,7 @@ class Store:
         try:
             work()
         except Exception:
-            logger.exception("store %r: background task %r failed", self.name, work)
+            self._log(logging.ERROR, None, "background task %r failed", work, exc_info=True)
 
     def _janitor_tick(self) -> None:
         self._submit(self.prune)
@@ -791,7 +815,9 @@ class Store:
             try:
                 allowed = bool(self._on_handoff_request(key))
             except Exception:
-                logger.exception("on_handoff_request raised; keeping the key")
+                self._log(
+                    logging.ERROR, key, "on_handoff_request raised; keeping the key", exc_info=True
+                )
                 allowed = False
             if not allowed:
                 self._log(logging.DEBUG, key, "handoff refused by on_handoff_request")
@@ -1079,13 +1105,7 @@ class Store:
         stored = self._db(
             "peek", lambda conn: files.read_version(conn, self._schema, self.name, key, None)
         )
-        if stored is None:
-            data = None
-        else:
-            encoded, _, _ = self._bring_forward(
-                stored.raw, stored.info.migrations, key, f"peek {key!r}"
-            )
-            data = freeze_json(decode(encoded))
+        data = None if stored is None else freeze_json(self._bring_forward(stored, key)[3])
         with self._peek_lock:
             self._peek_cache[key] = (read_at, data)
         return data
@@ -1135,7 +1155,7 @@ class Store:
         )
         if stored is None:
             raise VersionNotFoundError(f"store {self.name!r} key {key!r} has no version {version}")
-        return freeze_json(decode(stored.raw)), stored.info
+        return freeze_json(stored.decode()), stored.info
 
     def restore(self, key: str, version: int) -> None:
         """Make an old version of a loaded key current again, saved as a new version."""
@@ -1147,7 +1167,7 @@ class Store:
         )
         if stored is None:
             raise VersionNotFoundError(f"store {self.name!r} key {key!r} has no version {version}")
-        data, _, _ = self._migrate(decode(stored.raw), stored.info.migrations, f"restore {key!r}")
+        data, _, _ = self._migrate(stored.decode(), stored.info.migrations, stored.context)
         change = session.replace(data)
         if change is None:
             session.touch()  # the rollback is in the history even if nothing differs

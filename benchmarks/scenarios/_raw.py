@@ -1,0 +1,49 @@
+"""Baseline statements shared by scenarios: raw psycopg (a) and SQLAlchemy Core (b)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import sqlalchemy as sa
+
+from ..context import Bench
+
+__all__ = ["orm_change", "raw_upsert"]
+
+
+def raw_upsert(bench: Bench, conn: psycopg.Connection[Any]) -> Callable[[str, str], None]:
+    """(a) upsert one pre-serialised document and commit (non-autocommit connection)."""
+    sql = (
+        f"INSERT INTO {bench.table('docs')} (key, doc) VALUES (%s, %s::jsonb) "
+        "ON CONFLICT (key) DO UPDATE SET doc = excluded.doc"
+    )
+
+    def upsert(key: str, document: str) -> None:
+        conn.execute(sql, (key, document), prepare=True)
+        conn.commit()
+
+    return upsert
+
+
+def orm_change(
+    bench: Bench, keys: list[str], change: Callable[[dict[str, Any]], object]
+) -> Callable[[], None]:
+    """(b) read the rows ``FOR UPDATE``, change them in Python, write them back, commit."""
+    docs = bench.docs
+    select = (
+        sa.select(docs.c.key, docs.c.doc)
+        .where(docs.c.key.in_(sorted(keys)))
+        .order_by(docs.c.key)
+        .with_for_update()
+    )
+
+    def transaction() -> None:
+        with bench.engine.begin() as conn:
+            found = {row.key: row.doc for row in conn.execute(select)}
+            change(found)
+            for key, document in found.items():
+                conn.execute(sa.update(docs).where(docs.c.key == key).values(doc=document))
+
+    return transaction

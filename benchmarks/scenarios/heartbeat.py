@@ -1,0 +1,73 @@
+"""Heartbeat: renew every lease of a Store holding many keys, against (a) one raw UPDATE."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+
+from sessionstore import db, locks
+
+from ..context import Bench
+from ..results import Figure, Row, Target, compare
+from ..timing import Case
+
+
+def run(bench: Bench) -> list[Row]:
+    store = bench.many_store()
+    many = bench.sizes.many
+    engine = db.create_engine(bench.dsn, pool_size=1).execution_options(
+        isolation_level="AUTOCOMMIT"
+    )
+    statements: list[str] = []
+    renews = [0]
+    raw_sql = (
+        f"UPDATE {bench.table('locks')} SET expires_at = clock_timestamp() "
+        "+ make_interval(secs => %s) WHERE store = %s AND holder = %s::uuid"
+    )
+    try:
+        with engine.connect() as conn, bench.raw(autocommit=True) as raw:
+
+            def count(*args: Any) -> None:
+                statements.append(str(args[2]))
+
+            sa.event.listen(conn, "before_cursor_execute", count)
+
+            def renew() -> None:
+                renewed = locks.renew(conn, bench.schema, store.name, store.holder, 3600.0)
+                renews[0] += 1
+                if len(renewed) != many:
+                    raise AssertionError(f"renewed {len(renewed)} of {many} leases")
+
+            def raw_update() -> None:
+                cursor = raw.execute(raw_sql, (3600.0, store.name, store.holder), prepare=True)
+                if cursor.rowcount != many:
+                    raise AssertionError(f"raw UPDATE touched {cursor.rowcount} of {many} rows")
+
+            row = compare(
+                "heartbeat",
+                f"renew {many:,} leases",
+                Case("sessionstore", renew, inner=3),
+                Case("raw", raw_update, inner=3),
+                repeats=bench.sizes.repeats,
+                baseline_name=f"(a) psycopg UPDATE locks SET expires_at = .. of the same {many:,} "
+                "rows (autocommit)",
+                target=Target("<=", 2.0, "≤ 2x"),
+                note="times sessionstore.locks.renew() (returns {key: token}) on an autocommit "
+                "connection",
+            )
+    finally:
+        engine.dispose()
+    per_renew = len(statements) / renews[0]
+    return [
+        row,
+        Row(
+            "heartbeat",
+            "statements per renew",
+            Figure.exact(per_renew, "stmts"),
+            baseline_name="counted client-side (SQLAlchemy before_cursor_execute)",
+            ratio=Figure.exact(per_renew, "x"),
+            target=Target("<=", 1.0, "= 1"),
+            note=f"{len(statements)} statements in {renews[0]} renewals",
+        ),
+    ]

@@ -1,0 +1,475 @@
+"""Chaos: worker processes under kill -9, cut connections, stalls and a database restart.
+
+Four workers (``tests/chaos_worker.py chaos``) load random keys out of six,
+increment their own counter in them, move coins between two held keys in a
+``tx``, save, unload and exit at random; each logs what a returned call made
+durable. The parent injects faults at random (seeded) and restarts workers
+that died. At the end the database alone must show: every acknowledged save
+present, no increment applied twice, coins conserved, versions contiguous
+with non-decreasing fencing tokens, and no (key, token) written by two
+holders.
+
+``SESSIONSTORE_CHAOS_SEED`` and ``SESSIONSTORE_CHAOS_SECONDS`` choose the seed
+and the length (default: a random seed, printed, and 30 s).
+
+The database restart needs a server this test may restart: it builds a
+private one with the binaries of the test server (found through the server's
+process, so it must run on this machine). When that is impossible (a remote
+``$SESSIONSTORE_TEST_DSN``) the restart fault is skipped and the run says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from chaos_worker import WORKER, Child
+
+import sessionstore as ss
+
+LEASE = {
+    "lock_duration": 2.0,
+    "lock_refresh_interval": 0.5,
+    "takeover_grace": 0.5,
+    "lock_timeout": 2.5,
+    "autosave_interval": 0.7,
+    "retry_timeout": 15.0,
+}
+KEYS = [f"k{i}" for i in range(6)]
+WORKERS = 4
+
+
+# -- a private server the test may restart ---------------------------------------------------
+
+
+class PrivateServer:
+    """A throwaway cluster built with the binaries of a running local server."""
+
+    def __init__(self, bin_dir: Path) -> None:
+        self.bin_dir = bin_dir
+        self.base = Path(tempfile.mkdtemp(prefix="sessionstore-chaos-"))
+        self.data = self.base / "data"
+        self.sock = self.base / "sock"
+        self.log = self.base / "server.log"
+        self.user: str | None = None
+        if os.geteuid() == 0:  # postgres refuses to run as root
+            self.user = "embedded_postgres"
+            import pwd
+
+            try:
+                pwd.getpwnam(self.user)
+            except KeyError:
+                subprocess.run(
+                    [
+                        "useradd",
+                        "--system",
+                        "--no-create-home",
+                        "-s",
+                        "/usr/sbin/nologin",
+                        self.user,
+                    ],
+                    check=True,
+                    capture_output=True,
+                )
+            entry = pwd.getpwnam(self.user)
+            self.sock.mkdir()
+            for path in (self.base, self.sock):
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+            self.base.chmod(0o755)
+        else:
+            self.sock.mkdir()
+
+    def _run(self, *args: str) -> None:
+        kwargs: dict[str, Any] = {"user": self.user} if self.user else {}
+        # Files, not pipes: a server started by pg_ctl could inherit a pipe and hold it open.
+        with tempfile.TemporaryFile("w+") as out:
+            result = subprocess.run(
+                [str(self.bin_dir / args[0]), *args[1:]],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
+                timeout=60,
+                cwd=self.base,
+                check=False,
+                **kwargs,
+            )
+            out.seek(0)
+            output = out.read()
+        if result.returncode != 0:
+            log = self.log.read_text() if self.log.exists() else ""
+            raise RuntimeError(f"{args} failed: {output}\n{log}")
+
+    def start(self) -> str:
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "--no-sync")
+        options = f"-h '' -k {self.sock} -c fsync=off -c max_connections=200"
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "start")
+        return f"postgresql://postgres@/postgres?host={self.sock}"
+
+    def restart(self) -> None:
+        """``pg_ctl restart -m fast``: every connection is cut, the server is back after."""
+        self._run(
+            "pg_ctl", "-D", str(self.data), "-l", str(self.log), "-m", "fast", "-w", "restart"
+        )
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def server_binaries(dsn: str) -> Path | None:
+    """Directory of the test server's binaries, if the server runs on this machine."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+        data_dir = conn.execute("SHOW data_directory").fetchone()[0]  # type: ignore[index]
+        try:  # while the connection, so that backend process, is still there
+            exe = Path(os.readlink(f"/proc/{pid}/exe"))
+        except OSError:
+            return None
+    if exe.name != "postgres" or not Path(data_dir).is_dir():
+        return None  # a pid of this machine that is not that server: the server is remote
+    bin_dir = exe.parent
+    if not all((bin_dir / tool).is_file() for tool in ("initdb", "pg_ctl")):
+        return None
+    return bin_dir
+
+
+@pytest.fixture(scope="module")
+def restartable(sessionstore_dsn: str) -> Iterator[tuple[str, PrivateServer | None]]:
+    """``(dsn, server)``: a private restartable server, or the test server and None."""
+    bin_dir = server_binaries(sessionstore_dsn)
+    if bin_dir is None:
+        yield sessionstore_dsn, None
+        return
+    server = PrivateServer(bin_dir)
+    try:
+        dsn = server.start()
+        yield dsn, server
+    finally:
+        server.stop()
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Worker:
+    wid: int
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+    incarnation: int = 0
+    stalled_until: float | None = None
+
+
+@dataclass
+class Run:
+    seed: int
+    seconds: float
+    faults: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    exits: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def terminate_connections(dsn: str, app: str, holder: str | None) -> int:
+    """pg_terminate_backend of every connection of one worker (pooled and control)."""
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+        pids = [
+            row[0]
+            for row in conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (app,)
+            )
+        ]
+        if holder:
+            pids += [
+                row[0]
+                for row in conn.execute(
+                    "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                    "AND objsubid = 2 "
+                    "AND classid = (hashtext('sessionstore.holder')::bigint & 4294967295)::oid "
+                    "AND objid = (hashtext(%s)::bigint & 4294967295)::oid",
+                    (holder,),
+                )
+            ]
+        for pid in pids:
+            conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    return len(pids)
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    events = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError):  # a line cut short by kill -9
+                events.append(json.loads(line))
+    return events
+
+
+def run_chaos(
+    dsn: str,
+    schema: str,
+    name: str,
+    seed: int,
+    seconds: float,
+    workdir: Path,
+    server: PrivateServer | None,
+) -> Run:
+    rng = random.Random(seed)
+    run = Run(seed, seconds)
+    stop_file = workdir / "stop"
+    workers = [Worker(i, workdir / f"worker{i}.log") for i in range(WORKERS)]
+    env = {**os.environ, "SESSIONSTORE_TEST_DSN_RESOLVED": dsn}
+
+    def app(worker: Worker) -> str:
+        return f"{name}-w{worker.wid}"
+
+    def start(worker: Worker) -> None:
+        worker.incarnation += 1
+        config = {
+            "worker": worker.wid,
+            "seed": seed * 100_003 + worker.wid * 1009 + worker.incarnation,
+            "keys": KEYS,
+            "log": str(worker.log),
+            "stop_file": str(stop_file),
+            "name": name,
+            "schema": schema,
+            "app": app(worker),
+            "options": LEASE,
+            "dsn": dsn,
+        }
+        worker.proc = subprocess.Popen(
+            [sys.executable, WORKER, "chaos", json.dumps(config)], env=env
+        )
+        worker.stalled_until = None
+
+    def holder_of(worker: Worker) -> str | None:
+        starts = [e for e in read_log(worker.log) if e["event"] == "start"]
+        return starts[-1]["holder"] if starts else None
+
+    for worker in workers:
+        start(worker)
+    started = time.monotonic()
+    deadline = started + seconds
+    restart_at = started + seconds * rng.uniform(0.35, 0.6) if server is not None else None
+    kinds = ["kill", "terminate", "stall"]
+    plan = kinds * 2  # every kind at least twice, then at random
+    rng.shuffle(plan)
+    next_fault = started + rng.uniform(1.0, 2.0)
+    while time.monotonic() < deadline:
+        now = time.monotonic()
+        for worker in workers:
+            assert worker.proc is not None
+            if worker.stalled_until is not None and now >= worker.stalled_until:
+                os.kill(worker.proc.pid, signal.SIGCONT)
+                worker.stalled_until = None
+            code = worker.proc.poll()
+            if code is not None:
+                run.exits.append(code)
+                start(worker)
+        if restart_at is not None and now >= restart_at:
+            assert server is not None
+            restart_at = None
+            t0 = time.monotonic()
+            server.restart()
+            run.faults["db_restart"] += 1
+            run.notes.append(f"database restart took {time.monotonic() - t0:.2f} s")
+        if now >= next_fault:
+            kind = plan.pop() if plan else rng.choice(kinds)
+            worker = rng.choice([w for w in workers if w.stalled_until is None] or workers)
+            assert worker.proc is not None
+            if kind == "kill":
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.proc.pid, signal.SIGKILL)
+            elif kind == "terminate":
+                with contextlib.suppress(psycopg.Error):  # the server may be restarting
+                    terminate_connections(dsn, app(worker), holder_of(worker))
+            elif worker.stalled_until is None:
+                # Frozen past its lease: others take its keys; it must not write after.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.proc.pid, signal.SIGSTOP)
+                    worker.stalled_until = now + LEASE["lock_duration"] + rng.uniform(0.5, 1.5)
+            run.faults[kind] += 1
+            next_fault = now + rng.uniform(0.4, 1.6)
+        time.sleep(0.05)
+
+    # Stop: wake the stalled, ask everyone to unload and exit, kill stragglers.
+    stop_file.touch()
+    for worker in workers:
+        assert worker.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker.proc.pid, signal.SIGCONT)
+    for worker in workers:
+        assert worker.proc is not None
+        try:
+            run.exits.append(worker.proc.wait(25))
+        except subprocess.TimeoutExpired:
+            run.notes.append(f"worker {worker.wid} did not stop within 25 s; killed")
+            worker.proc.kill()
+            worker.proc.wait(10)
+    return run
+
+
+def check_database(dsn: str, schema: str, name: str, workdir: Path, run: Run) -> dict[str, Any]:
+    """Assert the invariants from the database alone (and the workers' acknowledgements)."""
+    events = [e for i in range(WORKERS) for e in read_log(workdir / f"worker{i}.log")]
+    crashes = [e["tb"] for e in events if e["event"] == "crash"]
+    assert not crashes, "a worker failed unexpectedly:\n" + "\n".join(crashes)
+    assert 3 not in run.exits
+
+    acked: dict[tuple[str, str], int] = {}
+    for e in events:
+        if e["event"] == "ack":
+            slot = (e["key"], e["w"])
+            acked[slot] = max(acked.get(slot, 0), e["n"])
+
+    checker = ss.Store(name, template={"coins": 0, "inc": {}, "chk": {}}, dsn=dsn, db_schema=schema)
+    try:
+        current: dict[str, Any] = {}
+        versions_total = 0
+        for key in KEYS:
+            infos = checker.list_versions(key, newest_first=False, limit=100_000)
+            versions_total += len(infos)
+            assert [i.version for i in infos] == list(range(1, len(infos) + 1)), (
+                f"{key}: versions are not contiguous"
+            )
+            previous: dict[str, int] = {}
+            last_token = 0
+            for info in infos:
+                data, _ = checker.read_version(key, info.version)
+                assert info.token >= last_token, f"{key} v{info.version}: token went backwards"
+                last_token = info.token
+                for w, n in data["inc"].items():
+                    assert n >= previous.get(w, 0), (
+                        f"{key} v{info.version}: worker {w}'s counter went back "
+                        f"from {previous.get(w)} to {n} (a stale write)"
+                    )
+                    assert data["chk"][w] == n * (n + 1) // 2, (
+                        f"{key} v{info.version}: worker {w}'s increments do not add up "
+                        f"(counter {n}, checksum {data['chk'][w]}): one applied twice or lost"
+                    )
+                    previous[w] = n
+            current[key] = checker.peek(key) or {"coins": 0, "inc": {}, "chk": {}}
+    finally:
+        checker.close()
+
+    for (key, w), n in sorted(acked.items()):
+        stored = current[key]["inc"].get(w, 0)
+        assert stored >= n, f"{key}: worker {w} was acknowledged {n} but the database has {stored}"
+    total = sum(doc["coins"] for doc in current.values())
+    assert total == 0, f"coins not conserved: sum {total} over {current}"
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        shared = conn.execute(
+            f'SELECT key, token, count(DISTINCT holder) FROM "{schema}".versions '
+            "WHERE store = %s GROUP BY key, token HAVING count(DISTINCT holder) > 1",
+            (name,),
+        ).fetchall()
+    assert shared == [], f"(key, token) written by several holders: {shared}"
+
+    return {
+        "acks": sum(1 for e in events if e["event"] == "ack"),
+        "tx_or_saves_acked_slots": len(acked),
+        "versions": versions_total,
+        "expected_errors": sum(1 for e in events if e["event"] == "expected"),
+        "worker_starts": sum(1 for e in events if e["event"] == "start"),
+        "voluntary_exits": sum(1 for e in events if e["event"] == "exit"),
+    }
+
+
+CHAOS_SECONDS = float(os.environ.get("SESSIONSTORE_CHAOS_SECONDS") or 30)
+
+
+@pytest.mark.timeout(CHAOS_SECONDS + 100)
+def test_chaos(
+    restartable: tuple[str, PrivateServer | None],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    dsn, server = restartable
+    seed = int(os.environ.get("SESSIONSTORE_CHAOS_SEED") or random.randrange(1, 1_000_000))
+    seconds = CHAOS_SECONDS
+    schema = "chaos" if server is not None else f"c_{uuid.uuid4().hex[:8]}"
+    name = f"chaos{seed}-{uuid.uuid4().hex[:6]}"
+    with capsys.disabled():
+        print(f"\nchaos: seed {seed} ({seconds:.0f} s): SESSIONSTORE_CHAOS_SEED={seed} to repeat")
+    started = time.monotonic()
+    run = run_chaos(dsn, schema, name, seed, seconds, tmp_path, server)
+    figures = check_database(dsn, schema, name, tmp_path, run)
+    with capsys.disabled():
+        print(
+            f"chaos: seed {seed} passed in {time.monotonic() - started:.1f} s; "
+            f"faults {dict(run.faults)}; {figures}; exits {sorted(set(run.exits))}"
+            + ("" if server is not None else "; database restart SKIPPED (server not local)")
+            + ("; " + "; ".join(run.notes) if run.notes else "")
+        )
+    assert run.faults["kill"] >= 2 and run.faults["terminate"] >= 2 and run.faults["stall"] >= 2
+    assert server is None or run.faults["db_restart"] == 1
+    assert figures["acks"] > 100, "the workers got almost nothing done: the run proves little"
+
+
+# -- a stalled process never overwrites its successor ------------------------------------------
+
+
+def test_stalled_holder_cannot_overwrite_the_process_that_took_over(
+    make_store: Callable[..., ss.Store], sessionstore_schema: str, store_name: str
+) -> None:
+    options = {"lock_duration": 2.0, "lock_refresh_interval": 0.5, "retry_timeout": 5.0}
+    child = Child(
+        "stall",
+        {"name": store_name, "schema": sessionstore_schema, "key": "k", "options": options},
+    )
+    try:
+        assert child.read()["ready"]
+        oks = [child.read() for _ in range(3)]
+        assert all(line["ok"] for line in oks)
+        child.signal(signal.SIGSTOP)
+        try:
+            # Its heartbeat is frozen with it; its control connection is not.
+            taker = make_store(
+                template={"n": 0, "by": None},
+                lock_duration=2.0,
+                lock_timeout=8.0,
+                takeover_grace=0.5,
+            )
+            t0 = time.monotonic()
+            taker.load("k")
+            waited = time.monotonic() - t0
+            seen = taker.get("k")["n"]
+            taker.update("k", lambda d: d.update(n=seen + 1_000_000, by="taker") or True)
+            taker.save("k")
+            first_taker_version = taker.list_versions("k", limit=1)[0]
+        finally:
+            child.signal(signal.SIGCONT)
+
+        outcomes = []
+        while True:
+            line = child.read(timeout=15)
+            outcomes.append(line)
+            if not line["ok"]:
+                break
+        print(f"\nstalled holder: taken over after {waited:.2f} s; after SIGCONT: {outcomes[-3:]}")
+        assert outcomes[-1]["error"] in ("LockLostError", "SessionClosedError"), outcomes[-1]
+        late = [line["n"] for line in outcomes if line["ok"] and line["n"] > seen]
+        assert late == [], f"the stalled holder saved {late} after the taker read n={seen}"
+        assert taker.peek("k") == {"n": seen + 1_000_000, "by": "taker"}
+        newest = taker.list_versions("k", limit=1)[0]
+        assert newest.version == first_taker_version.version
+        assert newest.token == first_taker_version.token
+        assert waited >= 1.0, "taken over although the stalled holder's connection was alive"
+    finally:
+        child.kill()
