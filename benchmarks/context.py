@@ -60,7 +60,7 @@ class Sizes:
             repeats=11,
             many=10_000,
             close_repeats=3,
-            memory_sessions=2_000,
+            memory_sessions=10_000,  # the scale: "10,000 loaded sessions"
             hot_updates=5_000,
             scale=1.0,
         )

@@ -160,7 +160,6 @@ class Session:
         *,
         dirty: bool,
         lease_confirmed_at: float,
-        spare: Any = None,
     ) -> None:
         self.rules = rules
         self.key = key
@@ -173,7 +172,7 @@ class Session:
         # A private decoded copy equal to ``encoded`` that nobody else can
         # reach: the next update hands it to its transform instead of decoding
         # again (the validation in encode_with_copy produced it for free).
-        self._spare: Any = spare
+        self._spare: Any = None
         self._close_lock = threading.Lock()
         self.version = version
         """Newest version in the database (0: none yet)."""
@@ -187,8 +186,6 @@ class Session:
         self.tx_active = False
         self.lease_confirmed_at = lease_confirmed_at
         """``time.monotonic()`` when the lease was last known good."""
-        if spare is not None:
-            rules.views.admit(self)
 
     # -- state ---------------------------------------------------------------
 

@@ -74,7 +74,6 @@ T = TypeVar("T")
 logger = logging.getLogger("sessionstore")
 
 _STORE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-_SPARE_LIMIT = 1024 * 1024
 _open_stores: weakref.WeakSet[Store] = weakref.WeakSet()
 
 
@@ -159,7 +158,7 @@ class Store:
         control_dsn: str | None = None,
         instant_takeover: bool = True,
         takeover_grace: float = 2.0,
-        view_cache_size: int = 1024,
+        view_cache_size: int = 256,
     ) -> None:
         if not isinstance(name, str) or not _STORE_NAME.match(name):
             raise ValueError(
@@ -539,13 +538,11 @@ class Store:
             "read", lambda conn: files.read_version(conn, self._schema, self.name, key, None)
         )
         if stored is not None:
-            encoded, applied, dirty, data = self._bring_forward(stored, key)
+            # Parsed here (corrupt JSON fails the load) but not kept: Python
+            # objects cost several times the JSON, and many loaded keys are
+            # never changed. The first update parses again.
+            encoded, applied, dirty, _ = self._bring_forward(stored, key)
             version = stored.info.version
-            # Keep the parsed copy for the first update, unless it is large
-            # (Python objects cost several times the JSON) or a schema
-            # callable has seen it (it could have changed it).
-            keep = not dirty and not self._rules.validates and len(encoded) <= _SPARE_LIMIT
-            spare = data if keep else None
         else:
             legacy = None
             if self._import_legacy_data is not None:
@@ -553,11 +550,11 @@ class Store:
             if legacy is not None:
                 data, applied, _ = self._migrate(thaw(legacy), (), context)
                 encoded = self._rules.accept(data, key)
-                version, dirty, spare = 0, True, None
+                version, dirty = 0, True
             else:
                 encoded = self._template  # checked against the schema at construction
                 applied = tuple(step.name for step in self._steps)
-                version, dirty, spare = 0, False, None
+                version, dirty = 0, False
         return Session(
             self._rules,
             key,
@@ -567,7 +564,6 @@ class Store:
             applied,
             dirty=dirty,
             lease_confirmed_at=acquired_at,
-            spare=spare,
         )
 
     def _bring_forward(

@@ -34,7 +34,9 @@ def run(bench: Bench) -> list[Row]:
             sa.event.listen(conn, "before_cursor_execute", count)
 
             def renew() -> None:
-                renewed = locks.renew(conn, bench.schema, store.name, store.holder, 3600.0)
+                # What the heartbeat sends: the (key, token) of every session it holds.
+                leases = [(s.key, s.token) for s in store._sessions.values()]
+                renewed = locks.renew(conn, bench.schema, store.name, store.holder, 3600.0, leases)
                 renews[0] += 1
                 if len(renewed) != many:
                     raise AssertionError(f"renewed {len(renewed)} of {many} leases")
