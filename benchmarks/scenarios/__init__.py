@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from ..context import Bench
 from ..results import Row
-from . import close, get, heartbeat, hotkey, load, memory, save, tx, update
+from . import close, get, heartbeat, hotkey, large, load, memory, save, takeover, tx, update
 
 __all__ = ["SCENARIOS"]
 
@@ -20,4 +20,6 @@ SCENARIOS: dict[str, Callable[[Bench], list[Row]]] = {
     "heartbeat": heartbeat.run,
     "close": close.run,
     "memory": memory.run,
+    "large": large.run,
+    "takeover": takeover.run,
 }

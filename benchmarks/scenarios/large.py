@@ -1,0 +1,139 @@
+"""Large documents (issue 5): save and load MB/s against plain zstd and a raw bytea row.
+
+For each size the same JSON bytes are (1) saved / loaded by sessionstore,
+(2) compressed / decompressed by plain ``zstandard`` with the store's
+settings, and (3) inserted / selected as one compressed ``bytea`` row by raw
+psycopg. The target is at least half the throughput of the slower of (2)
+and (3): the library must be bound by zstd and the socket, not by Python.
+Throughput is MB of raw JSON per second.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import zstandard
+
+from ..context import Bench
+from ..documents import player_profile
+from ..results import Figure, Row, Target
+from ..timing import Case, Spread, interleave
+
+_TARGET = Target(">=", 0.5, "≥ 0.5x slower of zstd, raw")
+_THREADED = 8 * 1024 * 1024  # the store's threaded_compression_threshold
+
+
+def _document(size: int) -> dict[str, Any]:
+    """A player profile of about ``size`` bytes of JSON (inventory grown to fit)."""
+    if size <= 64 * 1024:
+        return player_profile(size)
+    base = player_profile(64 * 1024)
+    unit = base["inventory"]
+    copies = max(1, size // len(orjson.dumps(unit)))
+    return {
+        **base,
+        "inventory": [dict(item, id=f"{i}-{item['id']}") for i in range(copies) for item in unit],
+    }
+
+
+def _row(scenario: str, label: str, megabytes: float, spreads: list[Spread], names: str) -> Row:
+    ours, zstd_t, raw_t = spreads
+    rate = [s.map(lambda t: megabytes / t) for s in spreads]
+    ratio = Spread.of(
+        [
+            (megabytes / a) / min(megabytes / b, megabytes / c)
+            for a, b, c in zip(ours.samples, zstd_t.samples, raw_t.samples, strict=True)
+        ]
+    )
+    return Row(
+        scenario,
+        label,
+        Figure.of(rate[0], "MB/s"),
+        Figure.of(rate[1] if rate[1].median < rate[2].median else rate[2], "MB/s"),
+        names + f" (zstd {rate[1].median:.0f} MB/s, raw {rate[2].median:.0f} MB/s)",
+        Figure.of(ratio, "x"),
+        _TARGET,
+    )
+
+
+def run(bench: Bench) -> list[Row]:
+    quick = bench.sizes.scale < 1
+    sizes = (1024, 1 << 20, 10 << 20) if quick else (1024, 1 << 20, 100 << 20)
+    return [row for size in sizes for row in _measure(bench, size)]
+
+
+def _measure(bench: Bench, size: int) -> list[Row]:
+    rows: list[Row] = []
+    document = _document(size)
+    raw = orjson.dumps(document)
+    megabytes = len(raw) / 1e6
+    label = f"{len(raw) / 1024:,.0f} KiB" if size < (1 << 20) else f"{megabytes:,.0f} MB"
+    threads = -1 if len(raw) >= _THREADED else 0
+    compressor = zstandard.ZstdCompressor(level=3, threads=threads)
+    decompressor = zstandard.ZstdDecompressor()
+    compressed = compressor.compress(raw)
+    store = bench.store({})
+    store.load("big")
+    store.update_immutable("big", lambda _: document)
+    inner = 1 if size >= (1 << 20) else bench.sizes.inner(200)
+    repeats = 3 if size >= (10 << 20) else bench.sizes.repeats
+    with bench.raw(autocommit=True) as conn:
+        conn.execute("CREATE TEMP TABLE blob (k int PRIMARY KEY, b bytea)")
+        conn.execute("ALTER TABLE blob ALTER COLUMN b SET STORAGE EXTERNAL")
+
+        def raw_insert() -> None:
+            conn.execute("DELETE FROM blob")
+            conn.execute("INSERT INTO blob VALUES (1, %b)", (compressed,))
+
+        def dirty() -> None:
+            # A change of a few bytes: the save writes the whole document.
+            store.update("big", lambda d: d.update(rev=d.get("rev", 0) + 1) or True)
+
+        saves = interleave(
+            [
+                Case("sessionstore", lambda: store.save("big"), prepare=dirty, inner=inner),
+                Case("zstd", lambda: compressor.compress(raw), inner=inner),
+                Case("raw", raw_insert, inner=inner),
+            ],
+            repeats=repeats,
+        )
+        rows.append(
+            _row(
+                "large",
+                f"save {label}",
+                megabytes,
+                saves,
+                "slower of zstd compress, raw INSERT of the compressed bytea",
+            )
+        )
+        store.unload("big")
+        raw_insert()
+
+        def load_unload() -> None:
+            store.load("big")
+            store.unload("big")
+
+        loads = interleave(
+            [
+                Case("sessionstore", load_unload, inner=inner),
+                Case("zstd", lambda: decompressor.decompress(compressed), inner=inner),
+                Case(
+                    "raw",
+                    lambda: conn.execute("SELECT b FROM blob", binary=True).fetchone(),
+                    inner=inner,
+                ),
+            ],
+            repeats=repeats,
+        )
+        rows.append(
+            _row(
+                "large",
+                f"load {label}",
+                megabytes,
+                loads,
+                "slower of zstd decompress, raw SELECT of the compressed bytea",
+            )
+        )
+    store.close()
+    return rows
