@@ -245,7 +245,9 @@ def encode_with_copy(value: Any) -> tuple[bytes, Any]:
     copy = orjson.loads(encoded)
     if copy != value:
         freeze(value)
-    return encoded, copy
+    # orjson's output keeps its growth buffer (4 KiB for a 1 KiB document);
+    # these bytes live as long as the session, so keep an exact-size copy.
+    return bytes(memoryview(encoded)), copy
 
 
 def decode(raw: bytes | bytearray | memoryview | str) -> Any:

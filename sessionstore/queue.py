@@ -21,8 +21,10 @@ class KeyQueue:
 
     __slots__ = ("_abandoned", "_cond", "_next", "_serving")
 
-    def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+    def __init__(self, cond: threading.Condition | None = None) -> None:
+        # May share the owner's condition (one per session instead of two):
+        # every waiter re-checks its own predicate, so shared wake-ups are safe.
+        self._cond = cond if cond is not None else threading.Condition(threading.Lock())
         self._next = 0
         self._serving = 0
         self._abandoned: set[int] = set()

@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import InvalidDataError, SessionClosedError, TransformError
 from .frozen import decode, encode, encode_with_copy, freeze_json
@@ -55,15 +55,21 @@ def transform_guard() -> Iterator[None]:
         _local.depth -= 1
 
 
-def run_transform(fn: Callable[..., Any], argument: Any, context: str) -> Any:
-    """Call a user transform; anything it raises becomes :class:`TransformError`."""
-    with transform_guard():
-        try:
-            return fn(argument)
-        except TransformError:
-            raise
-        except Exception as exc:
-            raise TransformError(f"{context}: transform raised {exc!r}") from exc
+def run_transform(fn: Callable[..., Any], argument: Any, context: Callable[[], str]) -> Any:
+    """Call a user transform; anything it raises becomes :class:`TransformError`.
+
+    ``context`` names what is being changed, for the message (built only on error).
+    """
+    # transform_guard, inlined: this is the update hot path.
+    _local.depth = getattr(_local, "depth", 0) + 1
+    try:
+        return fn(argument)
+    except TransformError:
+        raise
+    except Exception as exc:
+        raise TransformError(f"{context()}: transform raised {exc!r}") from exc
+    finally:
+        _local.depth -= 1
 
 
 class ViewCache:
@@ -83,17 +89,22 @@ class ViewCache:
         self._lock = threading.Lock()
 
     def admit(self, session: Session) -> None:
+        if session.cached:  # read without the lock: a stale True only skips a re-admit
+            return
         with self._lock:
-            if id(session) in self._members:
+            if session.cached:
                 return
+            session.cached = True
             self._members[id(session)] = session
             while len(self._members) > self.size:
                 _, oldest = self._members.popitem(last=False)
+                oldest.cached = False
                 oldest.drop_views()
 
     def forget(self, session: Session) -> None:
         with self._lock:
-            self._members.pop(id(session), None)
+            if self._members.pop(id(session), None) is not None:
+                session.cached = False
 
 
 @dataclass(frozen=True)
@@ -112,7 +123,8 @@ class Rules:
 
     def check(self, value: Any, encoded: bytes, key: str) -> None:
         """Schema and size checks of data already encoded (so known to be JSON)."""
-        self.validator(value, f"store {self.store!r} key {key!r}")
+        if self.validator is not accept_any:
+            self.validator(value, f"store {self.store!r} key {key!r}")
         if len(encoded) > self.max_document_size:
             raise InvalidDataError(
                 f"store {self.store!r} key {key!r}: document is {len(encoded)} bytes of JSON; "
@@ -126,9 +138,8 @@ class Rules:
         return encoded
 
 
-@dataclass(frozen=True)
-class Change:
-    """A committed change, as JSON bytes before and after."""
+class Change(NamedTuple):
+    """A committed change, as JSON bytes before and after (a tuple: cheap on the hot path)."""
 
     old: bytes
     new: bytes
@@ -148,6 +159,28 @@ class Snapshot:
 
 class Session:
     """The state of one loaded key. Created by the Store after the lease is taken."""
+
+    __slots__ = (
+        "__weakref__",
+        "_close_lock",
+        "_spare",
+        "_view",
+        "cached",
+        "change_seq",
+        "closed_reason",
+        "cond",
+        "encoded",
+        "key",
+        "lease_confirmed_at",
+        "migrations",
+        "queue",
+        "rules",
+        "saved_seq",
+        "token",
+        "tx_active",
+        "unloading",
+        "version",
+    )
 
     def __init__(
         self,
@@ -174,11 +207,13 @@ class Session:
         # again (the validation in encode_with_copy produced it for free).
         self._spare: Any = None
         self._close_lock = threading.Lock()
+        self.cached = False
+        """In the store's ViewCache (guarded by the cache's lock)."""
         self.version = version
         """Newest version in the database (0: none yet)."""
         self.migrations = migrations
         self.cond = threading.Condition(threading.Lock())
-        self.queue = KeyQueue()
+        self.queue = KeyQueue(self.cond)
         self.change_seq = 1 if dirty else 0
         self.saved_seq = 0
         self.closed_reason: str | None = None
@@ -271,7 +306,7 @@ class Session:
             self.check_open()
             work = self._spare if self._spare is not None else decode(self.encoded)
             self._spare = None  # the transform may change it, commit or not
-            verdict = run_transform(fn, work, self._context())
+            verdict = run_transform(fn, work, self._context)
             if verdict is False:
                 return False, None
             if verdict is not True:
@@ -286,7 +321,7 @@ class Session:
         with self.cond:
             self._wait_for_tx()
             self.check_open()
-            result = run_transform(fn, self.data, self._context())
+            result = run_transform(fn, self.data, self._context)
             if result is False:
                 return False, None
             if result is True or result is None:

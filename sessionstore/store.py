@@ -234,6 +234,9 @@ class Store:
         self._saver = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"sessionstore-save-{name}"
         )
+        # Start the saver thread now (executors start threads lazily): a store
+        # runs the same three threads from construction to close().
+        self._saver.submit(lambda: None)
         conninfo = libpq_url(
             engine.url if control_dsn is None else sa.make_url(db.resolve_url(control_dsn))
         )
@@ -1029,7 +1032,7 @@ class Store:
         """Run the transform and the atomic write; the changes, a lost lease, or None (abort)."""
         keys = {s.key for s in sessions}
         if immutable:
-            result = run_transform(fn, {s.key: s.data for s in sessions}, context)
+            result = run_transform(fn, {s.key: s.data for s in sessions}, lambda: context)
             if result is False:
                 return None
             if not isinstance(result, Mapping):
@@ -1039,7 +1042,7 @@ class Store:
             proposed = dict(result)
         else:
             work = {s.key: decode(s.encoded) for s in sessions}
-            verdict = run_transform(fn, work, context)
+            verdict = run_transform(fn, work, lambda: context)
             if verdict is False:
                 return None
             if verdict is not True:

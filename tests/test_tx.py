@@ -299,12 +299,16 @@ def test_opposite_order_transactions_never_deadlock(make_store: Any) -> None:
     counts = {"ab": 0, "ba": 0, "conflicts": 0, "saves": 0}
 
     def run(keys: list[str], slot: str) -> None:
+        rng = random.Random(slot)
         while time.monotonic() < stop:
             try:
                 assert store.tx(keys, _transfer_unchecked(keys[0], keys[1], 1))
                 counts[slot] += 1
             except ss.TransactionConflictError:
                 counts["conflicts"] += 1
+            # A conflict is immediate (no waiting), so a thread looping without
+            # a pause would always find the keys busy: pause like a real caller.
+            time.sleep(rng.random() * 0.002)
 
     def churn() -> None:
         while time.monotonic() < stop:
