@@ -20,11 +20,10 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-import psycopg
 import sqlalchemy as sa
 import zstandard
-from psycopg.rows import namedtuple_row
 
+from .db import driver_cursor
 from .errors import CorruptDataError
 
 __all__ = [
@@ -227,7 +226,7 @@ class _Statements:
             "WHERE s.store = v.store AND s.key = v.key AND s.version = v.version "
             "ORDER BY s.idx) END AS shards"
         )
-        # Read through a binary psycopg cursor (see _binary): bytea arrives as
+        # Read through a binary psycopg cursor (db.driver_cursor): bytea arrives as
         # bytes, not hex text, which costs more than the read itself when large.
         self.read_newest = (
             f"SELECT {columns}, v.inline, {shards} FROM {s}.versions v "
@@ -395,19 +394,6 @@ _statements: dict[str, _Statements] = {}
 _writes: dict[tuple[str, int, bool], str] = {}
 
 
-def _binary(conn: sa.Connection) -> psycopg.Cursor[Any]:
-    """A psycopg cursor on the connection's driver connection, binary both ways.
-
-    Used for the statements that move document bytes: psycopg dumps a list
-    of bytes as a text array (escaped by a regex) unless told ``%b``, and
-    returns bytea as hex text unless the cursor is binary; both cost more
-    than the database work for a large document.
-    """
-    driver = conn.connection.driver_connection
-    assert isinstance(driver, psycopg.Connection)
-    return driver.cursor(binary=True, row_factory=namedtuple_row)
-
-
 def statements(schema: str) -> _Statements:
     found = _statements.get(schema)
     if found is None:
@@ -481,8 +467,9 @@ def write_versions(
         )
     result = WriteResult()
     by_key = {item.key: item for item in items}
-    with _binary(conn) as cursor:
-        answer = cursor.execute(statement, params).fetchall()
+    with driver_cursor(conn, binary=True) as cursor:
+        # The array form is planned afresh each time (see db.driver_cursor).
+        answer = cursor.execute(statement, params, prepare=None if rows else False).fetchall()
     for row in answer:
         # Not written now: an earlier attempt of this very write may have
         # committed before its connection dropped (even if the lease has
@@ -524,7 +511,7 @@ def read_version(
 ) -> StoredVersion | None:
     """The newest version of ``key`` (``version=None``) or the given one; None if absent."""
     sql = statements(schema)
-    with _binary(conn) as cursor:
+    with driver_cursor(conn, binary=True) as cursor:
         if version is None:
             cursor.execute(sql.read_newest, {"store": store, "key": key})
         else:

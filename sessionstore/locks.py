@@ -21,6 +21,7 @@ from datetime import datetime
 import sqlalchemy as sa
 
 from .control import ALIVE_SQL, channel_for
+from .db import driver_cursor
 
 __all__ = [
     "LeaseInfo",
@@ -57,7 +58,7 @@ class LeaseInfo:
 # join into nested loops, seconds for 10,000 leases (measured). The pairs are
 # two = ANY filters: tokens are unique across all leases, so matching keys and
 # tokens separately matches exactly the pairs.
-_MATCH = "key = ANY(CAST(:keys AS text[])) AND token = ANY(CAST(:tokens AS bigint[]))"
+_MATCH = "key = ANY(CAST(%(keys)s AS text[])) AND token = ANY(CAST(%(tokens)s AS bigint[]))"
 
 
 class LeaseStatements:
@@ -88,26 +89,26 @@ RETURNING token
         # tracks (a release that failed) is left to expire.
         # Renew exactly the leases the holder still uses: a lease it no longer
         # tracks (a release that failed) is left to expire.
-        self.renew = sa.text(f"""
-UPDATE {s}.locks SET expires_at = clock_timestamp() + make_interval(secs => :duration)
+        self.renew = f"""
+UPDATE {s}.locks SET expires_at = clock_timestamp() + make_interval(secs => %(duration)s)
 WHERE ctid = ANY(ARRAY(
     SELECT ctid FROM {s}.locks
-    WHERE store = :store AND holder = :holder AND {_MATCH}
+    WHERE store = %(store)s AND holder = %(holder)s AND {_MATCH}
       AND expires_at > clock_timestamp()
     ORDER BY key
     FOR UPDATE
 ))
 RETURNING key, token
-""")
-        self.release = sa.text(f"""
+"""
+        self.release = f"""
 DELETE FROM {s}.locks
 WHERE ctid = ANY(ARRAY(
     SELECT ctid FROM {s}.locks
-    WHERE store = :store AND holder = :holder AND {_MATCH}
+    WHERE store = %(store)s AND holder = %(holder)s AND {_MATCH}
     ORDER BY key
     FOR UPDATE
 ))
-""")
+"""
         self.info = sa.text(
             "SELECT holder, token, expires_at, expires_at > clock_timestamp() AS active, "
             f"host, pid, liveness, {ALIVE_SQL.format(holder='holder')} AS alive "
@@ -176,7 +177,9 @@ def renew(
         "keys": [key for key, _ in pairs],
         "tokens": [token for _, token in pairs],
     }
-    return {row.key: row.token for row in conn.execute(lease_statements(schema).renew, params)}
+    with driver_cursor(conn) as cursor:
+        rows = cursor.execute(lease_statements(schema).renew, params, prepare=False).fetchall()
+    return {row.key: row.token for row in rows}
 
 
 def release(
@@ -192,7 +195,8 @@ def release(
         "keys": [key for key, _ in pairs],
         "tokens": [token for _, token in pairs],
     }
-    conn.execute(lease_statements(schema).release, params)
+    with driver_cursor(conn) as cursor:
+        cursor.execute(lease_statements(schema).release, params, prepare=False)
 
 
 def info(conn: sa.Connection, schema: str, store: str, key: str) -> LeaseInfo | None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from conftest import FAST
 
 import sessionstore as ss
 from sessionstore import db
@@ -182,14 +183,7 @@ def spawn(sessionstore_schema: str, store_name: str) -> Iterator[Callable[..., C
     children: list[Child] = []
 
     def make(**options: Any) -> Child:
-        settings = {
-            "lock_duration": 5.0,
-            "lock_refresh_interval": 1.0,
-            "lock_timeout": 1.0,
-            "autosave_interval": 60.0,
-            "retry_timeout": 2.0,
-            **options,
-        }
+        settings = {**FAST, **options}
         child = Child(store_name, sessionstore_schema, **settings)
         children.append(child)
         return child

@@ -20,6 +20,7 @@ from typing import Any
 import psycopg
 import pytest
 from chaos_worker import Child
+from conftest import FAST
 
 import sessionstore as ss
 from sessionstore import db
@@ -64,14 +65,7 @@ def spawn(sessionstore_schema: str, store_name: str) -> Iterator[Callable[..., C
     children: list[Child] = []
 
     def start(options: dict[str, Any] | None = None, **config: Any) -> Child:
-        settings = {
-            "lock_duration": 5.0,
-            "lock_refresh_interval": 1.0,
-            "lock_timeout": 1.0,
-            "autosave_interval": 60.0,
-            "retry_timeout": 2.0,
-            **(options or {}),
-        }
+        settings = {**FAST, **(options or {})}
         child = Child(
             "holder",
             {"name": store_name, "schema": sessionstore_schema, "options": settings, **config},
