@@ -66,7 +66,7 @@ class EncodedFile:
     stored_size: int
     checksum: int
     inline: bytes | None
-    shards: list[bytes]
+    shards: list[memoryview]
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,8 @@ def encode_file(raw: bytes, settings: FileSettings) -> EncodedFile:
         return EncodedFile(codec, len(raw), len(stored), checksum, stored, [])
     view = memoryview(stored)
     size = settings.shard_size
-    shards = [bytes(view[start : start + size]) for start in range(0, len(stored), size)]
+    # Views, not copies: psycopg sends a memoryview as bytea as it is.
+    shards = [view[start : start + size] for start in range(0, len(stored), size)]
     return EncodedFile(codec, len(raw), len(stored), checksum, None, shards)
 
 
@@ -421,7 +422,7 @@ def write_versions(
     shard_keys: list[str] = []
     shard_versions: list[int] = []
     shard_idx: list[int] = []
-    shard_data: list[bytes] = []
+    shard_data: list[memoryview] = []
     for item in items:
         for index, chunk in enumerate(item.file.shards):
             shard_keys.append(item.key)

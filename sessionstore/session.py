@@ -16,8 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -34,7 +33,6 @@ __all__ = [
     "ViewCache",
     "in_transform",
     "run_transform",
-    "transform_guard",
 ]
 
 _local = threading.local()
@@ -45,22 +43,12 @@ def in_transform() -> bool:
     return getattr(_local, "depth", 0) > 0
 
 
-@contextmanager
-def transform_guard() -> Iterator[None]:
-    """Mark this thread as running a user transform."""
-    _local.depth = getattr(_local, "depth", 0) + 1
-    try:
-        yield
-    finally:
-        _local.depth -= 1
-
-
 def run_transform(fn: Callable[..., Any], argument: Any, context: Callable[[], str]) -> Any:
     """Call a user transform; anything it raises becomes :class:`TransformError`.
 
     ``context`` names what is being changed, for the message (built only on error).
     """
-    # transform_guard, inlined: this is the update hot path.
+    # The depth marks this thread as inside a transform (see in_transform).
     _local.depth = getattr(_local, "depth", 0) + 1
     try:
         return fn(argument)
