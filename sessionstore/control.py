@@ -88,10 +88,6 @@ class ControlConnection:
         """Wait until the lock is held and the channel is listened to."""
         return self._ready.wait(timeout)
 
-    @property
-    def ready(self) -> bool:
-        return self._ready.is_set()
-
     def stop(self, timeout: float = 5.0) -> None:
         self._stopped.set()
         self._thread.join(timeout)

@@ -81,3 +81,19 @@ def store(make_store: Callable[..., ss.Store]) -> ss.Store:
 
 def thread_count() -> int:
     return threading.active_count()
+
+
+def in_thread(call: Callable[[], object]) -> tuple[threading.Thread, list[BaseException | None]]:
+    """Start ``call`` on a thread; the list gets ``None`` or what it raised when it ends."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from conftest import in_thread
 
 import sessionstore as ss
 from sessionstore import db
@@ -614,18 +615,8 @@ def test_a_blocked_save_does_not_hold_up_other_keys(make_store: MakeStore, sql: 
     assert a.update("k1", set_coins(1))
     assert a.update("k2", set_coins(2))
     blocker = sql.lock_row_for_update("k1")
-    outcome: list[BaseException | None] = []
-
-    def save_k1() -> None:
-        try:
-            a.save("k1")
-            outcome.append(None)
-        except BaseException as exc:
-            outcome.append(exc)
-
     try:
-        saver = threading.Thread(target=save_k1)
-        saver.start()
+        saver, outcome = in_thread(lambda: a.save("k1"))
         wait_until(lambda: sql.lock_waiters() >= 1, 5.0, "save(k1) to wait on the row lock")
         started = time.monotonic()
         a.save("k2")
@@ -658,19 +649,9 @@ def test_updates_during_unload_are_refused_and_committed_ones_are_saved(
     for _ in range(5):
         assert a.update("k", add_coin)
     blocker = sql.lock_row_for_update("k")  # holds the unload inside its final save
-    outcome: list[BaseException | None] = []
-
-    def unload() -> None:
-        try:
-            a.unload("k")
-            outcome.append(None)
-        except BaseException as exc:
-            outcome.append(exc)
-
     committed = 5
     try:
-        unloader = threading.Thread(target=unload)
-        unloader.start()
+        unloader, outcome = in_thread(lambda: a.unload("k"))
         deadline = time.monotonic() + 5.0
         while True:
             try:
@@ -832,3 +813,29 @@ def test_save_while_database_unreachable_keeps_the_session_dirty(
     assert reader.peek("k")["coins"] == 3
     a.unload("k")
     assert sql.lease("k") is None
+
+
+def test_close_waits_for_a_running_save_and_loses_nothing(
+    make_store: Callable[..., ss.Store], sql: Any
+) -> None:
+    a = make_store(lock_duration=30.0, lock_refresh_interval=10.0)
+    a.load("k")
+    a.load("j")
+    assert a.update("k", set_coins(1))
+    assert a.update("j", set_coins(2))
+    blocker = sql.lock_row_for_update("k")
+    try:
+        saver, saved = in_thread(lambda: a.save("k"))
+        wait_until(lambda: sql.lock_waiters() >= 1, 5.0, "save(k) to wait on the row lock")
+        closer, closed = in_thread(a.close)
+        time.sleep(0.3)
+        assert closer.is_alive(), "close() must wait for the save of k that holds its turn"
+    finally:
+        blocker.commit()
+        blocker.close()
+    saver.join(10.0)
+    closer.join(10.0)
+    assert saved == [None] and closed == [None]
+    reader = make_store()
+    assert reader.peek("k")["coins"] == 1 and reader.peek("j")["coins"] == 2
+    assert not reader.probe_lock_active("k") and not reader.probe_lock_active("j")

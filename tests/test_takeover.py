@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import signal
 import statistics
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,7 +19,7 @@ from typing import Any
 import psycopg
 import pytest
 from chaos_worker import Child
-from conftest import FAST
+from conftest import FAST, in_thread
 
 import sessionstore as ss
 from sessionstore import db
@@ -146,17 +145,7 @@ def test_control_connection_blip_is_ridden_out_within_the_grace(
     old_pid = wait_for(lambda: control_pid(sql, holder), 5, "the holder's advisory lock")
 
     loader = make_store(lock_duration=90.0, lock_timeout=3.0, takeover_grace=1.0)
-    outcome: list[BaseException | None] = []
-
-    def load() -> None:
-        try:
-            loader.load("k")
-            outcome.append(None)
-        except BaseException as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=load)
-    thread.start()
+    thread, outcome = in_thread(lambda: loader.load("k"))
     time.sleep(0.2)  # the loader is polling the lease now
     assert sql("SELECT pg_terminate_backend(%s)", old_pid) == [(True,)]
     cut = time.monotonic()
