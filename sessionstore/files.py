@@ -25,6 +25,7 @@ import zstandard
 
 from .db import driver_cursor
 from .errors import CorruptDataError
+from .frozen import decode
 
 __all__ = [
     "CODEC_RAW",
@@ -96,10 +97,7 @@ class StoredVersion:
 
     def decode(self) -> Any:
         """The document as plain data; :class:`CorruptDataError` if the JSON does not parse."""
-        try:
-            return orjson.loads(self.raw)
-        except orjson.JSONDecodeError as exc:
-            raise CorruptDataError(f"{self.context}: stored JSON does not decode: {exc}") from exc
+        return decode(self.raw, self.context)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 import orjson
 
-from .errors import InvalidDataError, InvalidKeyError
+from .errors import CorruptDataError, InvalidDataError, InvalidKeyError
 
 __all__ = [
     "JSON",
@@ -250,9 +250,22 @@ def encode_with_copy(value: Any) -> tuple[bytes, Any]:
     return bytes(memoryview(encoded)), copy
 
 
-def decode(raw: bytes | bytearray | memoryview | str) -> Any:
-    """Parse JSON bytes into plain, mutable containers."""
-    return orjson.loads(raw)
+def decode(
+    raw: bytes | bytearray | memoryview | str,
+    context: str | Callable[[], str] = "document",
+) -> Any:
+    """Parse JSON bytes into plain, mutable containers.
+
+    Bytes that do not parse raise :class:`CorruptDataError` naming ``context``
+    (a callable is called only then): every document the package encodes
+    parses, so only stored bytes that a writer other than this package gave
+    a valid checksum get here.
+    """
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        where = context if isinstance(context, str) else context()
+        raise CorruptDataError(f"{where}: stored JSON does not decode: {exc}") from exc
 
 
 def check_key(key: object) -> str:

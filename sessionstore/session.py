@@ -219,10 +219,22 @@ class Session:
         view = self._view
         if view is not None and view[0] is encoded:
             return view[1]
-        frozen = freeze_json(decode(encoded))
+        frozen = freeze_json(self.decode(encoded))
         self._view = (encoded, frozen)
         self.rules.views.admit(self)
         return frozen
+
+    def decode(self, encoded: bytes | None = None) -> Any:
+        """A new plain copy of the current data (or of ``encoded``).
+
+        Raises :class:`CorruptDataError` for loaded bytes that do not parse:
+        a load checks the stored file's integrity but parses it only when it
+        needs the data (see ``Store.load``).
+        """
+        return decode(
+            self.encoded if encoded is None else encoded,
+            lambda: f"{self._context()} version {self.version}",
+        )
 
     def drop_views(self) -> None:
         """Forget the decoded copies (they are rebuilt from ``encoded`` on demand)."""
@@ -292,7 +304,7 @@ class Session:
         with self.cond:
             self._wait_for_tx()
             self.check_open()
-            work = self._spare if self._spare is not None else decode(self.encoded)
+            work = self._spare if self._spare is not None else self.decode()
             self._spare = None  # the transform may change it, commit or not
             verdict = run_transform(fn, work, self._context)
             if verdict is False:

@@ -411,6 +411,13 @@ class Store:
 
         A no-op if the key is already loaded. Waits up to ``lock_timeout`` for a
         key held elsewhere, then raises :class:`LockUnavailableError`.
+
+        A stored file that fails its integrity checks (missing shard, CRC-32,
+        zstd frame, size) fails the load with :class:`CorruptDataError`, and
+        the lease is released. The JSON itself is parsed here only when a
+        migration, the schema or a changed callback needs the data; otherwise
+        the first read parses it (and raises :class:`CorruptDataError` if a
+        writer other than this package stored JSON that does not parse).
         """
         self._check_open()
         check_key(key)
@@ -530,7 +537,12 @@ class Store:
     def _load_session(self, key: str) -> Session:
         token, acquired_at = self._acquire(key)
         try:
-            return self._read_session(key, token, acquired_at)
+            session = self._read_session(key, token, acquired_at)
+            if self._changed_callbacks:
+                # The callbacks get the data when the load is done: build its
+                # view now, so that JSON that does not parse fails the load.
+                session.data  # noqa: B018
+            return session
         except BaseException:
             self._release_quietly([(key, token)])
             raise
@@ -541,9 +553,6 @@ class Store:
             "read", lambda conn: files.read_version(conn, self._schema, self.name, key, None)
         )
         if stored is not None:
-            # Parsed here (corrupt JSON fails the load) but not kept: Python
-            # objects cost several times the JSON, and many loaded keys are
-            # never changed. The first update parses again.
             encoded, applied, dirty, _ = self._bring_forward(stored, key)
             version = stored.info.version
         else:
@@ -571,23 +580,26 @@ class Store:
 
     def _bring_forward(
         self, stored: files.StoredVersion, key: str
-    ) -> tuple[bytes, tuple[str, ...], bool, JSON]:
+    ) -> tuple[bytes, tuple[str, ...], bool, JSON | None]:
         """A stored version through pending migrations and the schema.
 
-        Returns ``(json bytes, applied migrations, migrated?, plain data)``.
-        The stored JSON is parsed here, so data that does not decode fails
-        the load loudly (``CorruptDataError``); it is re-encoded only when a
-        migration ran.
+        Returns ``(json bytes, applied migrations, migrated?, plain data or
+        None)``. The JSON is parsed only when a migration or the schema needs
+        the data (it is then returned, unless a migration changed it). A
+        stored file's integrity is verified by the read (shard count, CRC-32,
+        zstd frame, exact size) and its JSON round-tripped when this package
+        encoded it, so parsing it again here would only repeat, at several
+        times the cost of the whole load, what the first ``get`` does anyway.
         """
         applied = stored.info.migrations
         steps = migrations_module.pending(self._steps, applied, stored.context)
-        data = stored.decode()
         if steps:
-            data, names, _ = self._migrate(data, applied, stored.context)
-            encoded = self._rules.accept(data, key)
-            return encoded, names, True, decode(encoded)
-        if self._rules.validates:
-            self._rules.check(data, stored.raw, key)
+            data, names, _ = self._migrate(stored.decode(), applied, stored.context)
+            return self._rules.accept(data, key), names, True, None
+        if not self._rules.validates:
+            return stored.raw, tuple(applied), False, None
+        data = stored.decode()
+        self._rules.check(data, stored.raw, key)
         return stored.raw, tuple(applied), False, data
 
     def _migrate(
@@ -1041,7 +1053,7 @@ class Store:
                 )
             proposed = dict(result)
         else:
-            work = {s.key: decode(s.encoded) for s in sessions}
+            work = {s.key: s.decode() for s in sessions}
             verdict = run_transform(fn, work, lambda: context)
             if verdict is False:
                 return None
@@ -1104,7 +1116,10 @@ class Store:
         stored = self._db(
             "peek", lambda conn: files.read_version(conn, self._schema, self.name, key, None)
         )
-        data = None if stored is None else freeze_json(self._bring_forward(stored, key)[3])
+        data = None
+        if stored is not None:
+            encoded, _, _, plain = self._bring_forward(stored, key)
+            data = freeze_json(decode(encoded, stored.context) if plain is None else plain)
         with self._peek_lock:
             self._peek_cache[key] = (read_at, data)
         return data

@@ -426,7 +426,6 @@ CORRUPTIONS: dict[str, tuple[str, bool, Callable[..., None]]] = {
     "inline-null": ("raw", False, _null_inline),
     "unknown-codec": ("raw", False, _unknown_codec),
     "zstd-garbage-valid-crc": ("zstd", False, _replace_inline_keeping_checksum(_garbage)),
-    "json-broken-valid-crc": ("raw", False, _replace_inline_keeping_checksum(_broken_json)),
 }
 
 
@@ -496,6 +495,80 @@ def test_corrupt_version_fails_loudly(
     assert [v.version for v in other.list_versions(KEY)] == [2, 1]
     assert [r.version for r in version_rows(sql, sessionstore_schema, store_name, KEY)] == [1, 2]
     assert lock_rows(sql, sessionstore_schema, store_name, KEY) == 0
+
+
+def test_json_that_does_not_parse_under_a_valid_checksum(
+    make_store: Callable[..., ss.Store],
+    sql: sa.Engine,
+    sessionstore_schema: str,
+    store_name: str,
+) -> None:
+    """Bytes the checksum vouches for but that are not JSON (a writer other than ours).
+
+    The load verifies integrity only; the first read raises, nothing is
+    written or replaced, and ``restore`` recovers. A load that needs the data
+    (schema, migration, changed callback) fails at once.
+    """
+    options = {**SMALL, "compress_threshold": RAW_ONLY}
+    writer = make_store(template={"template": True}, **options)
+    writer.load(KEY)
+    old = {"old": True, "s": "intact"}
+    set_doc(writer, KEY, old)
+    writer.save(KEY)
+    set_doc(writer, KEY, doc_of_size(300, fill="q"))
+    writer.unload(KEY)
+    _replace_inline_keeping_checksum(_broken_json)(sql, sessionstore_schema, store_name)
+
+    def versions() -> list[int]:
+        return [r.version for r in version_rows(sql, sessionstore_schema, store_name, KEY)]
+
+    for strict in (
+        {"schema": lambda data: True},
+        {"changed_callbacks": [lambda key, new, old: None]},
+        {"migrations": [ss.add_fields("gems", {"gems": 0})]},
+    ):
+        loader = make_store(template={"template": True}, **options, **strict)
+        with pytest.raises(ss.CorruptDataError, match="version 2"):
+            loader.load(KEY)
+        assert lock_rows(sql, sessionstore_schema, store_name, KEY) == 0
+        with pytest.raises(ss.KeyNotLoadedError):
+            loader.get(KEY)
+
+    store = make_store(template={"template": True}, **options)
+    store.load(KEY)
+    store.load("other")
+    set_doc(store, "other", {"n": 1})
+    store.save("other")
+    called: list[str] = []
+
+    def transform(data: Any) -> bool:
+        called.append("transform")
+        return True
+
+    for read in (
+        lambda: store.get(KEY),
+        lambda: store.update(KEY, transform),
+        lambda: store.update_immutable(KEY, lambda data: {"new": True}),
+        lambda: store.tx([KEY, "other"], lambda docs: transform(docs)),
+        lambda: store.tx_immutable([KEY, "other"], lambda docs: {k: {} for k in docs}),
+        lambda: store.peek(KEY),
+        lambda: store.read_version(KEY, 2),
+    ):
+        with pytest.raises(ss.CorruptDataError) as exc:
+            read()
+        assert KEY in str(exc.value) and "version 2" in str(exc.value)
+    assert called == []
+    assert store.is_saved(KEY) and store.get("other") == {"n": 1}
+    store.save(KEY)
+    store.unload(KEY)
+    assert versions() == [1, 2]  # nothing written, nothing replaced by the template
+
+    store.load(KEY)
+    store.restore(KEY, 1)
+    assert store.get(KEY) == old
+    store.unload(KEY)
+    assert versions() == [1, 2, 3]
+    assert store.peek(KEY) == old
 
 
 def test_corrupt_old_version_does_not_affect_current(
