@@ -3,11 +3,13 @@
 Owns the ``versions`` and ``shards`` tables. A save is a *file*: the
 document's JSON, zstd-compressed above a size threshold, with its raw size
 and a CRC-32 of the stored bytes, kept inline in the version row or split
-across shard rows when large. :func:`write_versions` is the one fenced write
-of the package: a single statement that row-locks each key's lease row (in
-key order), checks holder, token and expiry on the database clock, and only
-then inserts the versions, their shards and, on a key's first save, its
-record. The newest version of a key is its current data.
+across shard rows when large. :func:`write_versions` is the fenced write of
+the package: a single statement that row-locks each key's lease row (in key
+order), checks holder, token and expiry on the database clock, and only then
+inserts the versions, their shards and, on a key's first save, its record.
+:func:`write_streamed` wraps it for one large document, whose shards follow
+in the same transaction as they are compressed. The newest version of a key
+is its current data.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from __future__ import annotations
 import threading
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
 import orjson
+import psycopg
 import sqlalchemy as sa
 import zstandard
 
@@ -42,6 +45,7 @@ __all__ = [
     "list_versions",
     "prune_versions",
     "read_version",
+    "write_streamed",
     "write_versions",
 ]
 
@@ -58,6 +62,20 @@ class FileSettings:
     inline_threshold: int = 256 * 1024
     shard_size: int = 1024 * 1024
     threaded_compression_threshold: int = 8 * 1024 * 1024
+    stream_threshold: int = 8 * 1024 * 1024
+
+    def streams(self, raw_size: int) -> bool:
+        """Is a document of ``raw_size`` bytes written by :func:`write_streamed`?"""
+        return raw_size >= self.stream_threshold and raw_size >= self.compress_threshold
+
+    def compressor(self, raw_size: int) -> zstandard.ZstdCompressor:
+        """This thread's compressor for a document of ``raw_size`` bytes.
+
+        Large documents use zstd's worker threads (C threads, one per core,
+        gone when the call returns): the output is the same single frame.
+        """
+        threads = -1 if raw_size >= self.threaded_compression_threshold else 0
+        return _compressor(self.compression_level, threads)
 
 
 @dataclass(frozen=True)
@@ -68,6 +86,11 @@ class EncodedFile:
     checksum: int
     inline: bytes | None
     shards: list[memoryview]
+
+    @classmethod
+    def pending(cls, raw_size: int) -> EncodedFile:
+        """The file of a streamed write before it is made: zstd, sizes and checksum to come."""
+        return cls(CODEC_ZSTD, raw_size, 0, 0, None, [])
 
 
 @dataclass(frozen=True)
@@ -143,8 +166,7 @@ def _decompressor() -> zstandard.ZstdDecompressor:
 def encode_file(raw: bytes, settings: FileSettings) -> EncodedFile:
     """Compress (when worth it), checksum and, if large, split a document's JSON bytes."""
     if len(raw) >= settings.compress_threshold:
-        threads = -1 if len(raw) >= settings.threaded_compression_threshold else 0
-        stored = _compressor(settings.compression_level, threads).compress(raw)
+        stored = settings.compressor(len(raw)).compress(raw)
         codec = CODEC_ZSTD
     else:
         stored, codec = raw, CODEC_RAW
@@ -278,6 +300,26 @@ SELECT (SELECT ours FROM turn) AS ours, (SELECT max(key) FROM batch) AS last_key
             "AND version = :version AND holder = :holder AND token = :token "
             "AND checksum = :checksum AND raw_size = :raw_size"
         )
+        # The streamed write (write_streamed): shard rows as they are
+        # compressed, then the version row's final sizes and checksum, if the
+        # lease (row-locked since the first statement) has not expired.
+        self.insert_shards = (
+            f"INSERT INTO {s}.shards (store, key, version, idx, data) "
+            "SELECT %(store)b, %(key)b, CAST(%(version)b AS bigint), "
+            "CAST(%(first)b AS integer) + CAST(u.i AS integer) - 1, u.d "
+            "FROM unnest(CAST(%(data)b AS bytea[])) WITH ORDINALITY AS u(d, i)"
+        )
+        self.finish_version = f"""
+UPDATE {s}.versions v
+SET stored_size = %(stored_size)b, checksum = %(checksum)b, shard_count = %(shard_count)b,
+    inline = CAST(%(inline)b AS bytea)
+WHERE v.store = %(store)b AND v.key = %(key)b AND v.version = %(version)b
+  AND EXISTS (SELECT 1 FROM {s}.locks l
+              WHERE l.store = v.store AND l.key = v.key
+                AND l.holder = CAST(%(holder)b AS uuid) AND l.token = %(token)b
+                AND l.expires_at > clock_timestamp())
+RETURNING v.version
+"""
         self.erase = sa.text(f"""
 WITH lease AS (
     SELECT key FROM {s}.locks
@@ -478,6 +520,106 @@ def write_versions(
         elif not row.leased:
             result.lost.add(row.key)
     return result
+
+
+def write_streamed(
+    conn: sa.Connection,
+    schema: str,
+    store: str,
+    holder: str,
+    item: WriteItem,
+    raw: bytes,
+    settings: FileSettings,
+) -> WriteResult:
+    """The fenced write of one large document, compressed while it is sent.
+
+    ``item`` names the version; its file is :meth:`EncodedFile.pending` and
+    is made here from ``raw``. One transaction of several statements instead
+    of :func:`write_versions`' one, so that zstd's worker threads compress
+    while this thread waits on PostgreSQL (measured: 1.3x the throughput of
+    compressing first, for 100 MB):
+
+    1. the fenced write of the version row, with sizes and checksum not yet
+       known; it row-locks the lease until the commit, so no other process
+       can take the key meanwhile;
+    2. shard rows, as the compressor fills them;
+    3. the version row's sizes and checksum, if the lease has not expired
+       in the meantime; else everything is rolled back (``lost``).
+
+    Peak memory is the JSON plus a few MiB, not the JSON plus its whole
+    compressed copy. The stored layout is the one :func:`encode_file` makes.
+    """
+    sql = statements(schema)
+    params: dict[str, Any] = {
+        "store": store,
+        "key": item.key,
+        "version": item.version,
+        "holder": holder,
+        "token": item.token,
+    }
+    driver = conn.connection.driver_connection
+    assert isinstance(driver, psycopg.Connection)
+    with driver.transaction() as transaction:
+        started = write_versions(conn, schema, store, holder, [item], atomic=True)
+        if item.key not in started.written:
+            if item.key in started.lost:
+                return started
+            # The version exists: an earlier attempt of this same write may
+            # have committed before its connection dropped.
+            done = replace(item, file=encode_file(raw, settings))
+            return WriteResult(
+                written={item.key} if _ours(conn, schema, store, holder, done) else set()
+            )
+        stream = settings.compressor(len(raw)).compressobj(size=len(raw))
+        size = settings.shard_size
+        held = bytearray()  # compressed, not yet sent
+        sent = checksum = 0
+        with driver_cursor(conn, binary=True) as cursor:
+
+            def send(end: int) -> None:
+                nonlocal sent, checksum
+                if not end:
+                    return
+                chunk = bytes(held[:end])
+                del held[:end]
+                checksum = zlib.crc32(chunk, checksum)
+                view = memoryview(chunk)
+                shards = [view[start : start + size] for start in range(0, len(chunk), size)]
+                cursor.execute(sql.insert_shards, {**params, "first": sent, "data": shards})
+                sent += len(shards)
+
+            # JSON handed to the compressor per step: four shards' worth, small
+            # enough that the first shards leave early, large enough to keep
+            # zstd's workers busy (4, 8 and 16 MiB measured the same).
+            feed = 4 * size
+            view = memoryview(raw)
+            for start in range(0, len(raw), feed):
+                held += stream.compress(view[start : start + feed])
+                # Sharded once it outgrows the inline threshold; whole shards leave now.
+                if sent or len(held) > settings.inline_threshold:
+                    send(len(held) - len(held) % size)
+            held += stream.flush()
+            stored_size = sent * size + len(held)
+            inline = None
+            if sent or len(held) > settings.inline_threshold:
+                send(len(held))
+            else:
+                inline = bytes(held)
+                checksum = zlib.crc32(inline)
+            cursor.execute(
+                sql.finish_version,
+                {
+                    **params,
+                    "stored_size": stored_size,
+                    "checksum": checksum,
+                    "shard_count": sent,
+                    "inline": inline,
+                },
+            )
+            finished = cursor.fetchone() is not None
+        if not finished:  # the lease expired while the shards were sent
+            raise psycopg.Rollback(transaction)
+    return WriteResult(written={item.key}) if finished else WriteResult(lost={item.key})
 
 
 def _ours(conn: sa.Connection, schema: str, store: str, holder: str, item: WriteItem) -> bool:

@@ -124,6 +124,8 @@ class Store:
         db_schema: PostgreSQL schema of the tables.
         max_document_size: largest document, in bytes of JSON.
         retry_timeout: how long transient database errors are retried.
+        compression_level, compress_threshold, inline_threshold, shard_size,
+        stream_threshold: how documents are stored (README, "Configuration").
     """
 
     def __init__(
@@ -149,6 +151,7 @@ class Store:
         compress_threshold: int = 1024,
         inline_threshold: int = 256 * 1024,
         shard_size: int = 1024 * 1024,
+        stream_threshold: int = 8 * 1024 * 1024,
         save_batch_size: int = 500,
         pool_size: int = 10,
         retain_versions: int = 10,
@@ -197,6 +200,7 @@ class Store:
             compress_threshold=compress_threshold,
             inline_threshold=inline_threshold,
             shard_size=shard_size,
+            stream_threshold=stream_threshold,
         )
         self._batch_size = save_batch_size
         self._liveness = bool(instant_takeover)
@@ -662,21 +666,17 @@ class Store:
             snapshot = session.snapshot(unloading=unloading)
             if snapshot is not None:
                 pending.append((session, snapshot))
-        for start in range(0, len(pending), self._batch_size):
-            batch = pending[start : start + self._batch_size]
+        # A large document is written on its own, compressed while it is sent;
+        # the others in batches of one statement each.
+        streamed = [p for p in pending if self._files.streams(len(p[1].encoded))]
+        batched = [p for p in pending if not self._files.streams(len(p[1].encoded))]
+        groups = [[p] for p in streamed] + [
+            batched[start : start + self._batch_size]
+            for start in range(0, len(batched), self._batch_size)
+        ]
+        for batch in groups:
             try:
-                items = [
-                    WriteItem(
-                        session.key,
-                        snap.token,
-                        snap.version,
-                        files.encode_file(snap.encoded, self._files),
-                        snap.migrations,
-                        snap.new_record,
-                    )
-                    for session, snap in batch
-                ]
-                result = self._write(items, atomic=False)
+                result = self._write_snapshots(batch)
             except Exception as exc:
                 self._log(logging.ERROR, None, "saving %d keys failed: %s", len(batch), exc)
                 for session, snap in batch:
@@ -696,6 +696,37 @@ class Store:
                         f"store {self.name!r} key {session.key!r}: version {snap.version} exists"
                     )
         return errors
+
+    def _write_snapshots(self, batch: Sequence[tuple[Session, Snapshot]]) -> files.WriteResult:
+        """Write one group of ``_save_held``: a large document alone, streamed, or a batch."""
+        if len(batch) == 1 and self._files.streams(len(batch[0][1].encoded)):
+            session, snap = batch[0]
+            item = WriteItem(
+                session.key,
+                snap.token,
+                snap.version,
+                files.EncodedFile.pending(len(snap.encoded)),
+                snap.migrations,
+                snap.new_record,
+            )
+            return self._db(
+                "save",
+                lambda conn: files.write_streamed(
+                    conn, self._schema, self.name, self.holder, item, snap.encoded, self._files
+                ),
+            )
+        items = [
+            WriteItem(
+                session.key,
+                snap.token,
+                snap.version,
+                files.encode_file(snap.encoded, self._files),
+                snap.migrations,
+                snap.new_record,
+            )
+            for session, snap in batch
+        ]
+        return self._write(items, atomic=False)
 
     def save(self, key: str) -> None:
         """Write pending changes of ``key`` now (a no-op if saved)."""

@@ -9,6 +9,7 @@ template or an older version), ``max_document_size`` and a large document.
 from __future__ import annotations
 
 import base64
+import contextlib
 import math
 import random
 import time
@@ -20,6 +21,7 @@ import orjson
 import pytest
 import sqlalchemy as sa
 import zstandard
+from conftest import in_thread
 
 import sessionstore as ss
 from sessionstore.db import create_engine
@@ -166,9 +168,11 @@ CASES: dict[str, tuple[int, Callable[[], Any], str, int | None]] = {
 }
 
 
+@pytest.mark.parametrize("streamed", [False, True], ids=["one-statement", "streamed"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_round_trip_across_thresholds(
     case: str,
+    streamed: bool,
     make_store: Callable[..., ss.Store],
     sql: sa.Engine,
     sessionstore_schema: str,
@@ -177,7 +181,14 @@ def test_round_trip_across_thresholds(
     compress_threshold, make_doc, codec, shards = CASES[case]
     doc = make_doc()
     raw_json = orjson.dumps(doc)
-    options = {**SMALL, "compress_threshold": compress_threshold}
+    # Streamed: every compressed document is written by files.write_streamed
+    # (the same layout must come out).
+    stream_threshold = 0 if streamed else 2**40
+    options = {
+        **SMALL,
+        "compress_threshold": compress_threshold,
+        "stream_threshold": stream_threshold,
+    }
     writer = make_store(template={"placeholder": True}, **options)
     key = f"doc:{case}"
     writer.load(key)
@@ -214,6 +225,89 @@ def test_round_trip_across_thresholds(
     assert reader.get(key) == doc
     assert orjson.dumps(reader.get(key)) == raw_json
     assert reader.is_saved(key)
+
+
+STREAMED = {**SMALL, "compress_threshold": 0, "stream_threshold": 0}
+
+
+@contextlib.contextmanager
+def shard_inserts_blocked(sql: sa.Engine, schema: str) -> Iterator[Callable[[], int]]:
+    """Hold a lock that makes shard INSERTs wait; yields the pid of a waiting writer (or 0)."""
+    with sql.connect() as blocker:
+        transaction = blocker.begin()
+        blocker.execute(sa.text(f'LOCK TABLE "{schema}".shards IN SHARE MODE'))
+
+        def waiting_writer() -> int:
+            with sql.connect() as conn:
+                pid = conn.execute(
+                    sa.text(
+                        "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND query LIKE 'INSERT INTO%shards%'"
+                    )
+                ).scalar()
+            return int(pid or 0)
+
+        try:
+            yield waiting_writer
+        finally:
+            transaction.rollback()
+
+
+def wait_for_pid(probe: Callable[[], int]) -> int:
+    deadline = time.monotonic() + 10
+    while not (pid := probe()):
+        assert time.monotonic() < deadline, "the save never reached its shard INSERT"
+        time.sleep(0.02)
+    return pid
+
+
+def test_streamed_save_is_fenced_when_the_lease_expires_mid_stream(
+    make_store: Callable[..., ss.Store], sql: sa.Engine, sessionstore_schema: str, store_name: str
+) -> None:
+    """The lease runs out while shards are being sent: nothing of the version remains."""
+    store = make_store(template={}, **STREAMED, lock_duration=1.0, lock_refresh_interval=0.5)
+    store.load(KEY)
+    set_doc(store, KEY, {"v": 1})
+    store.save(KEY)
+    set_doc(store, KEY, {"blob": random_text(20 * SHARD, seed=5)})
+    with shard_inserts_blocked(sql, sessionstore_schema) as waiting_writer:
+        thread, outcome = in_thread(lambda: store.save(KEY))
+        wait_for_pid(waiting_writer)
+        # The version row is written (uncommitted) and the lease row locked; let
+        # the lease expire under it (the heartbeat waits for the same row).
+        time.sleep(1.5)
+    thread.join(10)
+    assert len(outcome) == 1 and isinstance(outcome[0], ss.LockLostError)
+    assert [r.version for r in version_rows(sql, sessionstore_schema, store_name, KEY)] == [1]
+    assert shard_rows(sql, sessionstore_schema, store_name, KEY, 2) == []
+    other = make_store(template={}, **STREAMED)
+    other.load(KEY)
+    assert other.get(KEY) == {"v": 1}
+
+
+def test_streamed_save_survives_a_dropped_connection(
+    make_store: Callable[..., ss.Store], sql: sa.Engine, sessionstore_schema: str, store_name: str
+) -> None:
+    """The connection dies mid-stream: the retry writes the whole version exactly once."""
+    store = make_store(template={}, **STREAMED, retry_timeout=10.0)
+    store.load(KEY)
+    doc = {"blob": random_text(20 * SHARD, seed=6), "n": 1}
+    set_doc(store, KEY, doc)
+    with shard_inserts_blocked(sql, sessionstore_schema) as waiting_writer:
+        thread, outcome = in_thread(lambda: store.save(KEY))
+        first = wait_for_pid(waiting_writer)
+        with sql.connect() as conn:
+            assert conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": first}).scalar()
+        # The retry waits for the same lock on a new connection.
+        wait_for_pid(lambda: (pid := waiting_writer()) != first and pid)
+    thread.join(10)
+    assert outcome == [None]
+    assert store.is_saved(KEY)
+    (row,) = version_rows(sql, sessionstore_schema, store_name, KEY)
+    assert row.version == 1 and row.shard_count > 4
+    check_stored(sql, sessionstore_schema, store_name, KEY, 1, orjson.dumps(doc), shard_size=SHARD)
+    store.unload(KEY)
+    assert make_store(template={}).peek(KEY) == doc
 
 
 def test_every_version_keeps_its_own_layout(
