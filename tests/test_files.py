@@ -24,6 +24,7 @@ import zstandard
 from conftest import in_thread
 
 import sessionstore as ss
+from sessionstore import files
 from sessionstore.db import create_engine
 
 # Small thresholds so shard boundaries are cheap to cross.
@@ -308,6 +309,44 @@ def test_streamed_save_survives_a_dropped_connection(
     check_stored(sql, sessionstore_schema, store_name, KEY, 1, orjson.dumps(doc), shard_size=SHARD)
     store.unload(KEY)
     assert make_store(template={}).peek(KEY) == doc
+
+
+def test_streamed_write_recognises_its_own_earlier_commit(
+    make_store: Callable[..., ss.Store], sql: sa.Engine, sessionstore_schema: str, store_name: str
+) -> None:
+    """A retry after a commit whose answer was lost counts it as written, and only it.
+
+    Calls files.write_streamed again for a version already written, as the
+    retry would: the same bytes are ours; other bytes under that version
+    number are neither written nor lost (a clash the store reports).
+    """
+    store = make_store(template={}, **STREAMED)
+    store.load(KEY)
+    doc = {"blob": random_text(10 * SHARD, seed=8)}
+    set_doc(store, KEY, doc)
+    store.save(KEY)
+    with sql.connect() as conn:
+        token = conn.execute(
+            sa.text(
+                f'SELECT token FROM "{sessionstore_schema}".locks WHERE store = :s AND key = :k'
+            ),
+            {"s": store_name, "k": KEY},
+        ).scalar_one()
+    settings = files.FileSettings(
+        compress_threshold=0, inline_threshold=INLINE, shard_size=SHARD, stream_threshold=0
+    )
+
+    def again(raw: bytes) -> files.WriteResult:
+        item = files.WriteItem(KEY, token, 1, files.EncodedFile.pending(len(raw)), [], True)
+        with sql.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            return files.write_streamed(
+                conn, sessionstore_schema, store_name, store.holder, item, raw, settings
+            )
+
+    assert again(orjson.dumps(doc)) == files.WriteResult(written={KEY})
+    assert again(orjson.dumps({"other": 1})) == files.WriteResult()
+    assert [r.version for r in version_rows(sql, sessionstore_schema, store_name, KEY)] == [1]
+    check_stored(sql, sessionstore_schema, store_name, KEY, 1, orjson.dumps(doc), shard_size=SHARD)
 
 
 def test_every_version_keeps_its_own_layout(

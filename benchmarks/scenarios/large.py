@@ -10,6 +10,10 @@ Throughput is MB of raw JSON per second.
 
 from __future__ import annotations
 
+import tracemalloc
+from collections.abc import Callable
+from typing import Any
+
 import orjson
 import zstandard
 
@@ -135,5 +139,41 @@ def _measure(bench: Bench, size: int, target: Target | None) -> list[Row]:
                 target,
             )
         )
+        if target is not None:
+            rows.extend(_memory(store, label, len(raw), dirty))
     store.close()
     return rows
+
+
+def _peak(call: Callable[[], object]) -> int:
+    """The most Python heap (tracemalloc) ``call`` held at once beyond what there was before."""
+    tracemalloc.start()
+    try:
+        call()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def _memory(store: Any, label: str, size: int, dirty: Callable[[], None]) -> list[Row]:
+    """Peak memory of one load and one save of the largest document, over its JSON size."""
+    loading = _peak(lambda: store.load("big"))  # keeps the JSON: at least 1x
+    dirty()
+    saving = _peak(lambda: store.save("big"))  # the session's JSON is already held
+    store.unload("big")
+    name = (
+        "the document's JSON; tracemalloc (Python heap: document bytes, zstd output, "
+        "shards), not zstd's or libpq's own C buffers"
+    )
+    return [
+        Row(
+            "large",
+            f"memory: {what} {label}",
+            Figure.exact(peak, "B"),
+            Figure.exact(size, "B"),
+            name,
+            Figure.exact(peak / size, "x"),
+            Target("<=", 2.0, "≤ 2x the JSON"),
+        )
+        for what, peak in (("load", loading), ("save", saving))
+    ]
