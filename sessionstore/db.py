@@ -44,6 +44,8 @@ __all__ = [
     "create_engine",
     "current_revision",
     "display_url",
+    "driver_connection",
+    "driver_cursor",
     "ensure_schema",
     "head_revision",
     "migrate_lock_key",
@@ -381,6 +383,14 @@ def ensure_schema(engine: Engine, schema: str = DEFAULT_SCHEMA) -> None:
         _ready.add(key)
 
 
+def driver_connection(conn: Connection) -> psycopg.Connection[Any]:
+    """The psycopg connection under a SQLAlchemy connection (the engine is psycopg 3)."""
+    driver = conn.connection.driver_connection
+    if not isinstance(driver, psycopg.Connection):
+        raise TypeError(f"sessionstore needs the psycopg driver, not {type(driver).__name__}")
+    return driver
+
+
 def driver_cursor(conn: Connection, *, binary: bool = False) -> psycopg.Cursor[Any]:
     """A psycopg cursor (rows as named tuples) on a SQLAlchemy connection's driver connection.
 
@@ -390,6 +400,4 @@ def driver_cursor(conn: Connection, *, binary: bool = False) -> psycopg.Cursor[A
     switch to a generic plan that ignores the array sizes: seconds instead
     of milliseconds for 10,000 leases, measured).
     """
-    driver = conn.connection.driver_connection
-    assert isinstance(driver, psycopg.Connection)
-    return driver.cursor(binary=binary, row_factory=namedtuple_row)
+    return driver_connection(conn).cursor(binary=binary, row_factory=namedtuple_row)

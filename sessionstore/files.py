@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -26,7 +26,7 @@ import psycopg
 import sqlalchemy as sa
 import zstandard
 
-from .db import driver_cursor
+from .db import driver_connection, driver_cursor
 from .errors import CorruptDataError
 from .frozen import decode
 
@@ -295,14 +295,14 @@ WITH turn AS (
 SELECT (SELECT ours FROM turn) AS ours, (SELECT max(key) FROM batch) AS last_key,
        (SELECT count(*) FROM pruned) AS pruned
 """)
-        self.ours = sa.text(
-            f"SELECT 1 FROM {s}.versions WHERE store = :store AND key = :key "
+        self.earlier = sa.text(
+            f"SELECT checksum FROM {s}.versions WHERE store = :store AND key = :key "
             "AND version = :version AND holder = :holder AND token = :token "
-            "AND checksum = :checksum AND raw_size = :raw_size"
+            "AND raw_size = :raw_size"
         )
         # The streamed write (write_streamed): shard rows as they are
         # compressed, then the version row's final sizes and checksum, if the
-        # lease (row-locked since the first statement) has not expired.
+        # lease still holds (locked now, until the commit).
         self.insert_shards = (
             f"INSERT INTO {s}.shards (store, key, version, idx, data) "
             "SELECT %(store)b, %(key)b, CAST(%(version)b AS bigint), "
@@ -310,14 +310,18 @@ SELECT (SELECT ours FROM turn) AS ours, (SELECT max(key) FROM batch) AS last_key
             "FROM unnest(CAST(%(data)b AS bytea[])) WITH ORDINALITY AS u(d, i)"
         )
         self.finish_version = f"""
+WITH lease AS (
+    SELECT 1 FROM {s}.locks l
+    WHERE l.store = %(store)b AND l.key = %(key)b
+      AND l.holder = CAST(%(holder)b AS uuid) AND l.token = %(token)b
+      AND l.expires_at > clock_timestamp()
+    FOR UPDATE
+)
 UPDATE {s}.versions v
 SET stored_size = %(stored_size)b, checksum = %(checksum)b, shard_count = %(shard_count)b,
     inline = CAST(%(inline)b AS bytea)
 WHERE v.store = %(store)b AND v.key = %(key)b AND v.version = %(version)b
-  AND EXISTS (SELECT 1 FROM {s}.locks l
-              WHERE l.store = v.store AND l.key = v.key
-                AND l.holder = CAST(%(holder)b AS uuid) AND l.token = %(token)b
-                AND l.expires_at > clock_timestamp())
+  AND EXISTS (SELECT 1 FROM lease)
 RETURNING v.version
 """
         self.erase = sa.text(f"""
@@ -355,13 +359,15 @@ _INPUT_COLUMNS = (
 _MAX_VALUES_ROWS = 8
 
 
-def _write_statement(schema: str, *, rows: int, shards: bool) -> str:
+def _write_statement(schema: str, *, rows: int, shards: bool, lock: bool) -> str:
     """The fenced write, for ``rows`` keys as VALUES rows or (``rows=0``) as arrays.
 
     Both forms are the same statement over an ``input`` relation. The VALUES
     form exists because PostgreSQL plans the array form on every execution,
     which costs more than a whole single-key write (measured: 1.4 ms against
-    0.4 ms). The shard insert is left out when there are no shards.
+    0.4 ms). The shard insert is left out when there are no shards, and the
+    lease rows are not locked when ``lock`` is false (the first statement of
+    :func:`write_streamed`, whose last statement locks and checks again).
     """
     s = f'"{schema}"'
     names = ", ".join(name for name, _ in _INPUT_COLUMNS)
@@ -406,8 +412,7 @@ WITH input AS (
     SELECT l.key FROM {s}.locks l
     WHERE l.store = %(store)b AND l.holder = CAST(%(holder)b AS uuid) AND {match}
       AND l.expires_at > clock_timestamp()
-    ORDER BY l.key
-    FOR UPDATE OF l
+    ORDER BY l.key{" FOR UPDATE OF l" if lock else ""}
 ), go AS (
     SELECT i.* FROM input i JOIN lease USING (key)
     WHERE NOT CAST(%(atomic)b AS boolean) OR (SELECT count(*) FROM lease) = {count}
@@ -432,7 +437,7 @@ FROM input i
 
 
 _statements: dict[str, _Statements] = {}
-_writes: dict[tuple[str, int, bool], str] = {}
+_writes: dict[tuple[str, int, bool, bool], str] = {}
 
 
 def statements(schema: str) -> _Statements:
@@ -450,6 +455,7 @@ def write_versions(
     items: Sequence[WriteItem],
     *,
     atomic: bool,
+    final: bool = True,
 ) -> WriteResult:
     """The fenced write: insert each item's version if its lease still holds.
 
@@ -458,6 +464,10 @@ def write_versions(
     so concurrent writers over overlapping keys cannot deadlock. A version
     that an earlier attempt of this same write already committed (the
     connection dropped before the answer came) counts as written.
+
+    ``final=False`` (the first statement of :func:`write_streamed`): the
+    lease rows are checked but not locked, and only versions inserted now
+    count as written (the caller checks for an earlier attempt itself).
     """
     shard_keys: list[str] = []
     shard_versions: list[int] = []
@@ -500,11 +510,11 @@ def write_versions(
             shard_idx=shard_idx,
             shard_data=shard_data,
         )
-    cache_key = (schema, rows, bool(shard_keys))
+    cache_key = (schema, rows, bool(shard_keys), final)
     statement = _writes.get(cache_key)
     if statement is None:
         statement = _writes[cache_key] = _write_statement(
-            schema, rows=rows, shards=bool(shard_keys)
+            schema, rows=rows, shards=bool(shard_keys), lock=final
         )
     result = WriteResult()
     by_key = {item.key: item for item in items}
@@ -515,7 +525,7 @@ def write_versions(
         # Not written now: an earlier attempt of this very write may have
         # committed before its connection dropped (even if the lease has
         # gone since); only then does it count as written.
-        if row.written or _ours(conn, schema, store, holder, by_key[row.key]):
+        if row.written or (final and _ours(conn, schema, store, holder, by_key[row.key])):
             result.written.add(row.key)
         elif not row.leased:
             result.lost.add(row.key)
@@ -555,12 +565,13 @@ def write_streamed(
     while this thread waits on PostgreSQL (measured: 1.3x the throughput of
     compressing first, for 100 MB):
 
-    1. the fenced write of the version row, with sizes and checksum not yet
-       known; it row-locks the lease until the commit, so no other process
-       can take the key meanwhile;
+    1. the version row, with sizes and checksum not yet known, if the lease
+       holds (checked, not locked: the heartbeat and other writers must not
+       wait for the upload);
     2. shard rows, as the compressor fills them;
-    3. the version row's sizes and checksum, if the lease has not expired
-       in the meantime; else everything is rolled back (``lost``).
+    3. the fence: the lease row locked and checked again (holder, token,
+       expiry), and only then the version row's sizes and checksum; else
+       everything is rolled back (``lost``).
 
     Peak memory is the JSON plus a few MiB, not the JSON plus its whole
     compressed copy. The stored layout is the one :func:`encode_file` makes.
@@ -573,67 +584,81 @@ def write_streamed(
         "holder": holder,
         "token": item.token,
     }
-    driver = conn.connection.driver_connection
-    assert isinstance(driver, psycopg.Connection)
-    with driver.transaction() as transaction:
-        started = write_versions(conn, schema, store, holder, [item], atomic=True)
-        if item.key not in started.written:
-            if item.key in started.lost:
-                return started
-            # The version exists: an earlier attempt of this same write may
-            # have committed before its connection dropped. Its bytes are
-            # these (the compression is deterministic), so is its checksum.
-            stored = b"".join(_compress_stream(raw, settings))
-            done = replace(
-                item,
-                file=replace(item.file, stored_size=len(stored), checksum=zlib.crc32(stored)),
-            )
-            return WriteResult(
-                written={item.key} if _ours(conn, schema, store, holder, done) else set()
-            )
-        size = settings.shard_size
-        held = bytearray()  # compressed, not yet sent
-        sent = checksum = 0
-        with driver_cursor(conn, binary=True) as cursor:
+    with driver_connection(conn).transaction() as transaction:
+        started = write_versions(conn, schema, store, holder, [item], atomic=True, final=False)
+        if item.key in started.written:
+            size = settings.shard_size
+            held = bytearray()  # compressed, not yet sent
+            sent = checksum = 0
+            with driver_cursor(conn, binary=True) as cursor:
 
-            def send(end: int) -> None:
-                nonlocal sent, checksum
-                if not end:
-                    return
-                chunk = bytes(held[:end])
-                del held[:end]
-                checksum = zlib.crc32(chunk, checksum)
-                view = memoryview(chunk)
-                shards = [view[start : start + size] for start in range(0, len(chunk), size)]
-                cursor.execute(sql.insert_shards, {**params, "first": sent, "data": shards})
-                sent += len(shards)
+                def send(end: int) -> None:
+                    nonlocal sent, checksum
+                    if not end:
+                        return
+                    with memoryview(held) as whole:
+                        chunk = bytes(whole[:end])
+                    del held[:end]
+                    checksum = zlib.crc32(chunk, checksum)
+                    view = memoryview(chunk)
+                    shards = [view[at : at + size] for at in range(0, len(chunk), size)]
+                    cursor.execute(sql.insert_shards, {**params, "first": sent, "data": shards})
+                    sent += len(shards)
 
-            for output in _compress_stream(raw, settings):
-                held += output
-                # Sharded once it outgrows the inline threshold; whole shards leave now.
+                for output in _compress_stream(raw, settings):
+                    held += output
+                    # Sharded once it outgrows the inline threshold: whole shards leave now.
+                    if sent or len(held) > settings.inline_threshold:
+                        send(len(held) - len(held) % size)
+                stored_size = sent * size + len(held)
+                inline = None
                 if sent or len(held) > settings.inline_threshold:
-                    send(len(held) - len(held) % size)
-            stored_size = sent * size + len(held)
-            inline = None
-            if sent or len(held) > settings.inline_threshold:
-                send(len(held))
-            else:
-                inline = bytes(held)
-                checksum = zlib.crc32(inline)
-            cursor.execute(
-                sql.finish_version,
-                {
-                    **params,
-                    "stored_size": stored_size,
-                    "checksum": checksum,
-                    "shard_count": sent,
-                    "inline": inline,
-                },
-            )
-            finished = cursor.fetchone() is not None
-        if not finished:  # the lease expired while the shards were sent
-            raise psycopg.Rollback(transaction)
-    return WriteResult(written={item.key}) if finished else WriteResult(lost={item.key})
+                    send(len(held))
+                else:
+                    inline = bytes(held)
+                    checksum = zlib.crc32(inline)
+                cursor.execute(
+                    sql.finish_version,
+                    {
+                        **params,
+                        "stored_size": stored_size,
+                        "checksum": checksum,
+                        "shard_count": sent,
+                        "inline": inline,
+                    },
+                )
+                if cursor.fetchone() is not None:
+                    return started
+            raise psycopg.Rollback(transaction)  # the lease went during the upload
+    if item.key in started.written:  # ... and was rolled back
+        return WriteResult(lost={item.key})
+    # Nothing inserted. An earlier attempt of this same write may have
+    # committed before its connection dropped (even if the lease has gone
+    # since): its bytes are the ones compressed now (zstd is deterministic).
+    found = _earlier_checksum(conn, schema, store, holder, item)
+    if found is not None:
+        checksum = 0
+        for output in _compress_stream(raw, settings):
+            checksum = zlib.crc32(output, checksum)
+        if checksum == found:
+            return WriteResult(written={item.key})
+    return WriteResult(lost=started.lost)
+
+
+def _earlier_checksum(
+    conn: sa.Connection, schema: str, store: str, holder: str, item: WriteItem
+) -> int | None:
+    """Checksum of ``item``'s version if it exists with this holder, token and raw size."""
+    params = {
+        "store": store,
+        "key": item.key,
+        "version": item.version,
+        "holder": holder,
+        "token": item.token,
+        "raw_size": item.file.raw_size,
+    }
+    found = conn.execute(statements(schema).earlier, params).scalar()
+    return None if found is None else int(found)
 
 
 def _ours(conn: sa.Connection, schema: str, store: str, holder: str, item: WriteItem) -> bool:
@@ -642,16 +667,7 @@ def _ours(conn: sa.Connection, schema: str, store: str, holder: str, item: Write
     Matched on holder, token, version *and* content (checksum and size): a
     different write that reused the version number is not ours.
     """
-    params = {
-        "store": store,
-        "key": item.key,
-        "version": item.version,
-        "holder": holder,
-        "token": item.token,
-        "checksum": item.file.checksum,
-        "raw_size": item.file.raw_size,
-    }
-    return conn.execute(statements(schema).ours, params).first() is not None
+    return _earlier_checksum(conn, schema, store, holder, item) == item.file.checksum
 
 
 def _stored(row: Any, context: str) -> StoredVersion:

@@ -221,8 +221,9 @@ class Store:
                 engine.dispose()
             raise
         self._engine_base = engine
-        # Every statement of the package is a single statement, atomic on its
-        # own: autocommit saves the BEGIN and COMMIT round trips.
+        # Every write of the package is a single statement, atomic on its own
+        # (autocommit saves the BEGIN and COMMIT round trips), except the
+        # streamed write of a large document, which opens its own transaction.
         self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
 
         self._lock = threading.Lock()
@@ -451,6 +452,7 @@ class Store:
                     self._sessions[key] = session
                     registered = True
             if not registered:
+                self._rules.views.forget(session)
                 self._release_quietly([(key, session.token)])
                 raise StoreClosedError(f"store {self.name!r} was closed while loading {key!r}")
         finally:
@@ -668,9 +670,14 @@ class Store:
                 pending.append((session, snapshot))
         # A large document is written on its own, compressed while it is sent;
         # the others in batches of one statement each.
-        streamed = [p for p in pending if self._files.streams(len(p[1].encoded))]
-        batched = [p for p in pending if not self._files.streams(len(p[1].encoded))]
-        groups = [[p] for p in streamed] + [
+        groups: list[list[tuple[Session, Snapshot]]] = []
+        batched: list[tuple[Session, Snapshot]] = []
+        for entry in pending:
+            if self._files.streams(len(entry[1].encoded)):
+                groups.append([entry])
+            else:
+                batched.append(entry)
+        groups += [
             batched[start : start + self._batch_size]
             for start in range(0, len(batched), self._batch_size)
         ]

@@ -262,11 +262,19 @@ def wait_for_pid(probe: Callable[[], int]) -> int:
     return pid
 
 
-def test_streamed_save_is_fenced_when_the_lease_expires_mid_stream(
+def lease_expiry(sql: sa.Engine, schema: str, store: str) -> Any:
+    with sql.connect() as conn:
+        return conn.execute(
+            sa.text(f'SELECT expires_at FROM "{schema}".locks WHERE store = :s AND key = :k'),
+            {"s": store, "k": KEY},
+        ).scalar_one()
+
+
+def test_streamed_save_is_fenced_when_the_lease_goes_mid_upload(
     make_store: Callable[..., ss.Store], sql: sa.Engine, sessionstore_schema: str, store_name: str
 ) -> None:
-    """The lease runs out while shards are being sent: nothing of the version remains."""
-    store = make_store(template={}, **STREAMED, lock_duration=1.0, lock_refresh_interval=0.5)
+    """The upload locks no lease; the fence at its end finds the lease gone: nothing remains."""
+    store = make_store(template={}, **STREAMED, lock_duration=2.0, lock_refresh_interval=0.2)
     store.load(KEY)
     set_doc(store, KEY, {"v": 1})
     store.save(KEY)
@@ -274,16 +282,31 @@ def test_streamed_save_is_fenced_when_the_lease_expires_mid_stream(
     with shard_inserts_blocked(sql, sessionstore_schema) as waiting_writer:
         thread, outcome = in_thread(lambda: store.save(KEY))
         wait_for_pid(waiting_writer)
-        # The version row is written (uncommitted) and the lease row locked; let
-        # the lease expire under it (the heartbeat waits for the same row).
-        time.sleep(1.5)
+        # The heartbeat still renews the lease while the upload waits.
+        before = lease_expiry(sql, sessionstore_schema, store_name)
+        deadline = time.monotonic() + 5
+        while lease_expiry(sql, sessionstore_schema, store_name) == before:
+            assert time.monotonic() < deadline, "the heartbeat waited for the upload"
+            time.sleep(0.05)
+        # Another process takes the key meanwhile (its lease made to expire first).
+        run_sql(
+            sql,
+            f'UPDATE "{sessionstore_schema}".locks SET expires_at = clock_timestamp() '
+            "WHERE store = :s AND key = :k",
+            s=store_name,
+            k=KEY,
+        )
+        other = make_store(template={}, **STREAMED, lock_timeout=5.0)
+        other.load(KEY)
+        assert waiting_writer()  # the upload is still waiting
     thread.join(10)
     assert len(outcome) == 1 and isinstance(outcome[0], ss.LockLostError)
     assert [r.version for r in version_rows(sql, sessionstore_schema, store_name, KEY)] == [1]
     assert shard_rows(sql, sessionstore_schema, store_name, KEY, 2) == []
-    other = make_store(template={}, **STREAMED)
-    other.load(KEY)
     assert other.get(KEY) == {"v": 1}
+    set_doc(other, KEY, {"v": "other"})
+    other.save(KEY)
+    assert other.peek(KEY) == {"v": "other"}
 
 
 def test_streamed_save_survives_a_dropped_connection(
@@ -345,6 +368,16 @@ def test_streamed_write_recognises_its_own_earlier_commit(
 
     assert again(orjson.dumps(doc)) == files.WriteResult(written={KEY})
     assert again(orjson.dumps({"other": 1})) == files.WriteResult()
+    # Also once the lease has gone: what was committed stays counted as written.
+    run_sql(
+        sql,
+        f'UPDATE "{sessionstore_schema}".locks SET expires_at = clock_timestamp() '
+        "WHERE store = :s AND key = :k",
+        s=store_name,
+        k=KEY,
+    )
+    assert again(orjson.dumps(doc)) == files.WriteResult(written={KEY})
+    assert again(orjson.dumps({"other": 1})) == files.WriteResult(lost={KEY})
     assert [r.version for r in version_rows(sql, sessionstore_schema, store_name, KEY)] == [1]
     check_stored(sql, sessionstore_schema, store_name, KEY, 1, orjson.dumps(doc), shard_size=SHARD)
 
