@@ -213,7 +213,7 @@ class Store:
         self._peek_lock = threading.Lock()
 
         self._owns_engine = not isinstance(dsn, sa.Engine)
-        engine = db.create_engine(dsn, pool_size=pool_size)
+        engine = db.create_engine(dsn, pool_size=pool_size, autocommit=True)
         try:
             db.ensure_schema(engine, self._schema)
         except Exception:
@@ -224,7 +224,9 @@ class Store:
         # Every write of the package is a single statement, atomic on its own
         # (autocommit saves the BEGIN and COMMIT round trips), except the
         # streamed write of a large document, which opens its own transaction.
-        self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._engine = (
+            engine if self._owns_engine else engine.execution_options(isolation_level="AUTOCOMMIT")
+        )
 
         self._lock = threading.Lock()
         self._sessions: dict[str, Session] = {}
