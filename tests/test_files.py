@@ -270,6 +270,20 @@ def lease_expiry(sql: sa.Engine, schema: str, store: str) -> Any:
         ).scalar_one()
 
 
+def expire_lease(sql: sa.Engine, schema: str, store: str) -> None:
+    """End KEY's lease now, as if its holder had stopped renewing it."""
+    assert (
+        run_sql(
+            sql,
+            f'UPDATE "{schema}".locks SET expires_at = clock_timestamp() '
+            "WHERE store = :s AND key = :k",
+            s=store,
+            k=KEY,
+        )
+        == 1
+    )
+
+
 def test_streamed_save_is_fenced_when_the_lease_goes_mid_upload(
     make_store: Callable[..., ss.Store], sql: sa.Engine, sessionstore_schema: str, store_name: str
 ) -> None:
@@ -289,13 +303,7 @@ def test_streamed_save_is_fenced_when_the_lease_goes_mid_upload(
             assert time.monotonic() < deadline, "the heartbeat waited for the upload"
             time.sleep(0.05)
         # Another process takes the key meanwhile (its lease made to expire first).
-        run_sql(
-            sql,
-            f'UPDATE "{sessionstore_schema}".locks SET expires_at = clock_timestamp() '
-            "WHERE store = :s AND key = :k",
-            s=store_name,
-            k=KEY,
-        )
+        expire_lease(sql, sessionstore_schema, store_name)
         other = make_store(template={}, **STREAMED, lock_timeout=5.0)
         other.load(KEY)
         assert waiting_writer()  # the upload is still waiting
@@ -369,13 +377,7 @@ def test_streamed_write_recognises_its_own_earlier_commit(
     assert again(orjson.dumps(doc)) == files.WriteResult(written={KEY})
     assert again(orjson.dumps({"other": 1})) == files.WriteResult()
     # Also once the lease has gone: what was committed stays counted as written.
-    run_sql(
-        sql,
-        f'UPDATE "{sessionstore_schema}".locks SET expires_at = clock_timestamp() '
-        "WHERE store = :s AND key = :k",
-        s=store_name,
-        k=KEY,
-    )
+    expire_lease(sql, sessionstore_schema, store_name)
     assert again(orjson.dumps(doc)) == files.WriteResult(written={KEY})
     assert again(orjson.dumps({"other": 1})) == files.WriteResult(lost={KEY})
     assert [r.version for r in version_rows(sql, sessionstore_schema, store_name, KEY)] == [1]
