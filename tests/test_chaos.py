@@ -53,6 +53,16 @@ LEASE = {
 }
 KEYS = [f"k{i}" for i in range(6)]
 WORKERS = 4
+# Half the seeds (or SESSIONSTORE_CHAOS_STREAMED=1 / 0) compress every document
+# and write every save through files.write_streamed, the large-document path.
+STREAMED = {"compress_threshold": 0, "stream_threshold": 0}
+
+
+def streams(seed: int) -> bool:
+    chosen = os.environ.get("SESSIONSTORE_CHAOS_STREAMED")
+    if chosen:
+        return chosen == "1"
+    return random.Random(seed ^ 0x5EED).random() < 0.5
 
 
 # -- a private server the test may restart ---------------------------------------------------
@@ -231,6 +241,9 @@ def run_chaos(
 ) -> Run:
     rng = random.Random(seed)
     run = Run(seed, seconds)
+    options = {**LEASE, **STREAMED} if streams(seed) else LEASE
+    if streams(seed):
+        run.notes.append("every save streamed")
     stop_file = workdir / "stop"
     workers = [Worker(i, workdir / f"worker{i}.log") for i in range(WORKERS)]
     env = {**os.environ, "SESSIONSTORE_TEST_DSN_RESOLVED": dsn}
@@ -249,7 +262,7 @@ def run_chaos(
             "name": name,
             "schema": schema,
             "app": app(worker),
-            "options": LEASE,
+            "options": options,
             "dsn": dsn,
         }
         worker.proc = subprocess.Popen(
