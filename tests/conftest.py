@@ -22,9 +22,12 @@ def pytest_configure(config: pytest.Config) -> None:
 
 import contextlib  # noqa: E402
 import threading  # noqa: E402
+import time  # noqa: E402
 import uuid  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from typing import Any  # noqa: E402
+
+import sqlalchemy as sa  # noqa: E402
 
 import sessionstore as ss  # noqa: E402
 
@@ -97,3 +100,30 @@ def in_thread(call: Callable[[], object]) -> tuple[threading.Thread, list[BaseEx
     thread = threading.Thread(target=run)
     thread.start()
     return thread, outcome
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {value!r})")
+        time.sleep(interval)
+
+
+def lock_waiter(engine: sa.Engine, query_like: str) -> int:
+    """The pid of a backend waiting for a lock in a query ``LIKE query_like``, else 0."""
+    with engine.connect() as conn:
+        pid = conn.execute(
+            sa.text(
+                "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND query LIKE :like LIMIT 1"
+            ),
+            {"like": query_like},
+        ).scalar()
+    return int(pid or 0)

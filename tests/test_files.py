@@ -21,7 +21,7 @@ import orjson
 import pytest
 import sqlalchemy as sa
 import zstandard
-from conftest import in_thread
+from conftest import in_thread, lock_waiter, wait_until
 
 import sessionstore as ss
 from sessionstore import files
@@ -237,29 +237,14 @@ def shard_inserts_blocked(sql: sa.Engine, schema: str) -> Iterator[Callable[[], 
     with sql.connect() as blocker:
         transaction = blocker.begin()
         blocker.execute(sa.text(f'LOCK TABLE "{schema}".shards IN SHARE MODE'))
-
-        def waiting_writer() -> int:
-            with sql.connect() as conn:
-                pid = conn.execute(
-                    sa.text(
-                        "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                        "AND query LIKE 'INSERT INTO%shards%'"
-                    )
-                ).scalar()
-            return int(pid or 0)
-
         try:
-            yield waiting_writer
+            yield lambda: lock_waiter(sql, "INSERT INTO%shards%")
         finally:
             transaction.rollback()
 
 
 def wait_for_pid(probe: Callable[[], int]) -> int:
-    deadline = time.monotonic() + 10
-    while not (pid := probe()):
-        assert time.monotonic() < deadline, "the save never reached its shard INSERT"
-        time.sleep(0.02)
-    return pid
+    return int(wait_until(probe, 10, "the save to reach its shard INSERT"))
 
 
 def lease_expiry(sql: sa.Engine, schema: str, store: str) -> Any:
@@ -298,10 +283,11 @@ def test_streamed_save_is_fenced_when_the_lease_goes_mid_upload(
         wait_for_pid(waiting_writer)
         # The heartbeat still renews the lease while the upload waits.
         before = lease_expiry(sql, sessionstore_schema, store_name)
-        deadline = time.monotonic() + 5
-        while lease_expiry(sql, sessionstore_schema, store_name) == before:
-            assert time.monotonic() < deadline, "the heartbeat waited for the upload"
-            time.sleep(0.05)
+        wait_until(
+            lambda: lease_expiry(sql, sessionstore_schema, store_name) != before,
+            5,
+            "a renewal during the upload (the heartbeat must not wait for it)",
+        )
         # Another process takes the key meanwhile (its lease made to expire first).
         expire_lease(sql, sessionstore_schema, store_name)
         other = make_store(template={}, **STREAMED, lock_timeout=5.0)

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 import pytest
 import sqlalchemy as sa
+from conftest import lock_waiter, wait_until
 
 import sessionstore as ss
 from sessionstore.db import create_engine
@@ -362,19 +363,9 @@ def test_one_pruner_at_a_time(
             {"s": store_name},
         )
         thread, outcome = in_thread(first.prune)
-        deadline = time.monotonic() + 10
-        while True:
-            with sql.connect() as conn:
-                waiting = conn.execute(
-                    sa.text(
-                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                        "AND query LIKE '%DELETE FROM%versions%'"
-                    )
-                ).scalar_one()
-            if waiting:
-                break
-            assert time.monotonic() < deadline, "the first prune never reached its DELETE"
-            time.sleep(0.02)
+        wait_until(
+            lambda: lock_waiter(sql, "%DELETE FROM%versions%"), 10, "the first prune's DELETE"
+        )
         # Were the second pruner allowed in, it would block on the same row (or
         # delete k2's versions under the first one's feet).
         started = time.monotonic()
@@ -774,9 +765,7 @@ def test_erase_takes_over_from_a_holder_that_hands_over(
 
     eraser = make_store(lock_timeout=10.0)
     eraser.erase(key)
-    deadline = time.monotonic() + 5
-    while not lost and time.monotonic() < deadline:  # fires just after the lease is released
-        time.sleep(0.01)
+    wait_until(lambda: lost, 5, "on_lock_lost (fires just after the lease is released)")
     assert lost == [key]
     assert mentions(sql, sessionstore_schema, key) == dict.fromkeys(TABLES, 0)
     with pytest.raises(ss.SessionClosedError):

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import in_thread
+from conftest import in_thread, wait_until
 
 import sessionstore as ss
 from sessionstore import db
@@ -36,20 +36,6 @@ def refuse_handoff(key: str) -> bool:
 
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-def wait_until(
-    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02
-) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {value!r})")
-        time.sleep(interval)
 
 
 def set_coins(value: int) -> Callable[[dict[str, Any]], bool]:

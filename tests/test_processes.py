@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import FAST
+from conftest import FAST, lock_waiter, wait_until
 
 import sessionstore as ss
 from sessionstore import db
@@ -375,27 +375,23 @@ def test_save_in_flight_when_the_holder_froze_fails_the_fence(
         )
         try:
             holder.send("save", key="k")
-            deadline = time.monotonic() + 10.0
-            with engine.connect() as conn:
-                waiting = sa.text(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND query LIKE '%INSERT INTO%versions%'"
-                )
-                while not conn.execute(waiting).scalar():
-                    assert time.monotonic() < deadline, "the holder's save never reached the fence"
-                    time.sleep(0.02)
-                    conn.rollback()
+            wait_until(
+                lambda: lock_waiter(engine, "%INSERT INTO%versions%"),
+                10.0,
+                "the holder's save to reach the fence",
+            )
             os.kill(holder.pid, signal.SIGSTOP)
             stopped = True
             expired = sa.text(
                 f"SELECT expires_at < clock_timestamp() FROM {s}.locks "
                 "WHERE store = :store AND key = :key"
             )
-            with engine.connect() as conn:
-                while not conn.execute(expired, params).scalar():
-                    assert time.monotonic() < deadline, "the frozen holder's lease never expired"
-                    time.sleep(0.02)
-                    conn.rollback()
+
+            def lease_expired() -> bool:
+                with engine.connect() as conn:
+                    return bool(conn.execute(expired, params).scalar())
+
+            wait_until(lease_expired, 10.0, "the frozen holder's lease to expire")
         finally:
             blocker.commit()
             blocker.close()

@@ -19,7 +19,7 @@ from typing import Any
 import psycopg
 import pytest
 from chaos_worker import Child
-from conftest import FAST, in_thread
+from conftest import FAST, in_thread, wait_until
 
 import sessionstore as ss
 from sessionstore import db
@@ -32,17 +32,6 @@ WHERE pl.locktype = 'advisory' AND pl.granted AND pl.objsubid = 2
   AND pl.objid = (hashtext(%s)::bigint & 4294967295)::oid
   AND a.application_name = 'sessionstore-control'
 """
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -142,14 +131,14 @@ def test_control_connection_blip_is_ridden_out_within_the_grace(
     child.call("set_save", key="k", field="coins", value=1)
     holder = child.call("info")["holder"]
     before = lease_row(sql, sessionstore_schema, store_name, "k")
-    old_pid = wait_for(lambda: control_pid(sql, holder), 5, "the holder's advisory lock")
+    old_pid = wait_until(lambda: control_pid(sql, holder), 5, "the holder's advisory lock")
 
     loader = make_store(lock_duration=90.0, lock_timeout=3.0, takeover_grace=1.0)
     thread, outcome = in_thread(lambda: loader.load("k"))
     time.sleep(0.2)  # the loader is polling the lease now
     assert sql("SELECT pg_terminate_backend(%s)", old_pid) == [(True,)]
     cut = time.monotonic()
-    new_pid = wait_for(
+    new_pid = wait_until(
         lambda: (p := control_pid(sql, holder)) is not None and p != old_pid and p,
         1.0,
         "the holder to re-take its advisory lock",
@@ -178,7 +167,7 @@ def test_wrong_takeover_guess_is_kept_safe_by_fencing(
     child.call("load", key="k")
     child.call("set_save", key="k", field="coins", value=1)
     holder = child.call("info")["holder"]
-    pid = wait_for(lambda: control_pid(sql, holder), 5, "the holder's advisory lock")
+    pid = wait_until(lambda: control_pid(sql, holder), 5, "the holder's advisory lock")
 
     # Frozen and cut off: alive, but its proof of life is gone and cannot come back.
     child.signal(signal.SIGSTOP)
@@ -221,7 +210,7 @@ def test_live_handoff_carries_unsaved_changes(make_store: Callable[..., ss.Store
     print(f"\nhandoff latency (small document): {elapsed * 1000:.1f} ms")
 
     assert b.get("k")["coins"] == 7
-    wait_for(lambda: lost == ["k"], 2.0, "on_lock_lost('k') on the old holder")
+    wait_until(lambda: lost == ["k"], 2.0, "on_lock_lost('k') on the old holder")
     with pytest.raises(ss.SessionClosedError):
         a.get("k")
     with pytest.raises(ss.SessionClosedError):
@@ -356,7 +345,7 @@ def test_terminated_connections_are_retried_and_heartbeat_survives(
         while time.monotonic() < deadline:
             cut()
             time.sleep(0.3)
-        wait_for(
+        wait_until(
             lambda: (
                 lease_row(sql, sessionstore_schema, store_name, "a")[3]
                 > first[3] + timedelta(seconds=1)
@@ -424,7 +413,7 @@ def test_control_dsn_on_the_same_server(
     b = make_store(control_dsn=sessionstore_dsn, lock_timeout=5.0)
     b.load("k")  # handoff through the control connection's LISTEN
     assert b.get("k")["coins"] == 3
-    wait_for(lambda: lost == ["k"], 2.0, "on_lock_lost")
+    wait_until(lambda: lost == ["k"], 2.0, "on_lock_lost")
 
     child = spawn({"control_dsn": sessionstore_dsn, "lock_duration": 90.0})
     b.unload("k")
@@ -461,7 +450,7 @@ def test_leases_follow_the_database_clock_not_the_client_clock(
     assert abs(row[3] - row[2] - timedelta(seconds=4.0)) < timedelta(milliseconds=50)
 
     # Renewals also run on the database clock: expires_at stays ~4 s ahead of its now.
-    wait_for(
+    wait_until(
         lambda: lease_row(sql, sessionstore_schema, store_name, "k")[3] > row[3], 3.0, "a renewal"
     )
     renewed = lease_row(sql, sessionstore_schema, store_name, "k")
