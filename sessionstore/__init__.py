@@ -9,11 +9,14 @@ DESIGN.md §1 for the contract re-exported here.
 from __future__ import annotations
 
 from .errors import (
+    ArgumentTypeError,
     CorruptDataError,
+    InvalidArgumentError,
     InvalidDataError,
     InvalidKeyError,
     KeyNotLoadedError,
     KeysChangedError,
+    LoadCancelledError,
     LoadInProgressError,
     LockLostError,
     LockUnavailableError,
@@ -36,13 +39,16 @@ from .store import SessionHandle, Store
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArgumentTypeError",
     "CorruptDataError",
     "FrozenDict",
     "FrozenList",
+    "InvalidArgumentError",
     "InvalidDataError",
     "InvalidKeyError",
     "KeyNotLoadedError",
     "KeysChangedError",
+    "LoadCancelledError",
     "LoadInProgressError",
     "LockLostError",
     "LockUnavailableError",

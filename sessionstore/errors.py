@@ -17,10 +17,13 @@ else:  # pragma: no cover
 
 __all__ = [
     "CorruptDataError",
+    "ArgumentTypeError",
+    "InvalidArgumentError",
     "InvalidDataError",
     "InvalidKeyError",
     "KeyNotLoadedError",
     "KeysChangedError",
+    "LoadCancelledError",
     "LoadInProgressError",
     "LockLostError",
     "LockUnavailableError",
@@ -50,7 +53,18 @@ class KeyNotLoadedError(SessionStoreError, LookupError):
 
 
 class LoadInProgressError(SessionStoreError):
-    """``load(key)`` was called while another load of the same key is running."""
+    """``load(key)`` was re-entered on the thread that is loading that key.
+
+    (From a callback run by that load, say.) Another thread's ``load`` of the
+    same key waits for the running one instead, and shares its outcome.
+    """
+
+
+class LoadCancelledError(SessionStoreError):
+    """The ``load(key)`` was cancelled by ``unload(key)``, ``erase(key)`` or ``close()``.
+
+    Its lease, if it had been taken, was released; a later ``load(key)`` works.
+    """
 
 
 class SessionClosedError(SessionStoreError):
@@ -116,6 +130,17 @@ class InvalidKeyError(SessionStoreError, ValueError, TypeError):
 
 class InvalidDataError(SessionStoreError, ValueError, TypeError):
     """The data is not storable JSON (or is larger than ``max_document_size``)."""
+
+
+class InvalidArgumentError(SessionStoreError, ValueError):
+    """A call or a Store option got a bad value (negative size, NaN seconds, ...).
+
+    Raised at the call, before any I/O.
+    """
+
+
+class ArgumentTypeError(SessionStoreError, TypeError):
+    """A call or a Store option got a value of the wrong type; raised before any I/O."""
 
 
 class StoreCloseError(ExceptionGroup, SessionStoreError):
