@@ -8,6 +8,8 @@ DESIGN.md §1 for the contract re-exported here.
 
 from __future__ import annotations
 
+from ._storage import VersionInfo
+from .config import StoreConfig
 from .errors import (
     ArgumentTypeError,
     CorruptDataError,
@@ -31,7 +33,6 @@ from .errors import (
     TransformError,
     VersionNotFoundError,
 )
-from .files import VersionInfo
 from .frozen import FrozenDict, FrozenList, freeze, thaw
 from .migrations import MigrationStep, add_fields, transform
 from .store import SessionHandle, Store
@@ -62,6 +63,7 @@ __all__ = [
     "Store",
     "StoreCloseError",
     "StoreClosedError",
+    "StoreConfig",
     "TransactionConflictError",
     "TransformError",
     "VersionInfo",

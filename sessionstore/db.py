@@ -1,15 +1,19 @@
 """Engines, DSNs and the database schema.
 
-Owns three things and nothing else:
+Owns four things and nothing else:
 
-* turning what a user passes as ``dsn`` (a libpq URL, a SQLAlchemy URL, an
-  :class:`~sqlalchemy.engine.Engine`, or nothing) into an Engine on the
-  psycopg 3 driver (:func:`resolve_url`, :func:`create_engine`);
+* turning what a user passes as ``dsn`` (a libpq URL, a libpq ``key=value``
+  string, a SQLAlchemy URL, an :class:`~sqlalchemy.engine.Engine`, or
+  nothing) into an Engine on the psycopg 3 driver (:func:`parse_dsn`,
+  :func:`resolve_url`, :func:`create_engine`), and a URL into the libpq
+  connection string of the same server for connections made with psycopg
+  directly (:func:`libpq_conninfo`); no error message quotes a password;
 * bringing a sessionstore schema to the newest alembic revision shipped in the
   package (:func:`ensure_schema`), serialised across processes by an advisory
   lock, with a per-process cache so that repeated ``Store()`` constructions
-  cost nothing;
-* checking names that are spliced into SQL (:func:`validate_identifier`).
+  cost nothing, and retried like every other database call;
+* checking names that are spliced into SQL (:func:`validate_identifier`,
+  :func:`validate_schema_name`).
 
 The DDL itself lives in the alembic revisions under the top-level ``alembic/``
 folder of the repository, shipped in the wheel as ``sessionstore._alembic``.
@@ -28,10 +32,14 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 import sqlalchemy
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import namedtuple_row
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import ArgumentError, ProgrammingError
+
+from .errors import ArgumentTypeError, InvalidArgumentError
+from .retry import RetryPolicy, with_retries
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -40,6 +48,7 @@ __all__ = [
     "DEFAULT_SCHEMA",
     "DSN_ENV",
     "alembic_config",
+    "check_engine",
     "clear_schema_cache",
     "create_engine",
     "current_revision",
@@ -48,10 +57,13 @@ __all__ = [
     "driver_cursor",
     "ensure_schema",
     "head_revision",
+    "libpq_conninfo",
     "migrate_lock_key",
+    "parse_dsn",
     "resolve_url",
     "script_location",
     "validate_identifier",
+    "validate_schema_name",
 ]
 
 _log = logging.getLogger(__name__)
@@ -63,39 +75,69 @@ DSN_ENV = "SESSIONSTORE_DSN"
 """Environment variable consulted when no ``dsn`` is given."""
 
 _DRIVER = "postgresql+psycopg"
-_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 # libpq key/value names that map onto URL parts; the rest become query params.
 _KV_URL_PARTS = ("user", "password", "host", "port", "dbname")
 
 
-def validate_identifier(name: str) -> str:
+def validate_identifier(name: object, option: str = "identifier") -> str:
     """Return ``name`` if it is a safe lower-case PostgreSQL identifier.
 
     Schema names are spliced into SQL text, so only ``[a-z_][a-z0-9_]*`` of at
     most 63 characters is accepted (no quoting surprises, no case folding).
 
     Raises:
-        ValueError: ``name`` is not such an identifier.
+        ArgumentTypeError: ``name`` is not a str.
+        InvalidArgumentError: ``name`` is not such an identifier (a ValueError).
     """
-    if not isinstance(name, str) or not _IDENTIFIER.match(name):
-        raise ValueError(
-            f"invalid PostgreSQL identifier {name!r}: expected 1-63 characters of "
+    if not isinstance(name, str):
+        raise ArgumentTypeError(f"{option} must be a str, not {type(name).__name__}")
+    if not _IDENTIFIER.fullmatch(name):
+        raise InvalidArgumentError(
+            f"{option}: invalid PostgreSQL identifier {name!r}: expected 1-63 characters of "
             "lower-case letters, digits and '_', not starting with a digit"
+        )
+    return name
+
+
+def validate_schema_name(name: object, option: str = "db_schema") -> str:
+    """Return ``name`` if sessionstore may keep its tables in a schema of that name.
+
+    A valid identifier (:func:`validate_identifier`) that is not a system
+    schema: ``information_schema``, or any name starting with ``pg_``, which
+    PostgreSQL reserves (``pg_catalog``, ``pg_toast``, ``pg_temp_3`` ...).
+    """
+    validate_identifier(name, option)
+    assert isinstance(name, str)
+    if name.startswith("pg_") or name == "information_schema":
+        raise InvalidArgumentError(
+            f"{option}: {name!r} is a PostgreSQL system schema (names starting with 'pg_' "
+            "and information_schema are reserved); choose another, e.g. 'sessionstore'"
         )
     return name
 
 
 # --------------------------------------------------------------------- URLs
 
+_KEYVALUE_HELP = (
+    "expected space-separated key=value pairs such as "
+    '"host=db dbname=app user=me password=..."; quote a value holding spaces, '
+    "quotes or backslashes in single quotes, escaping ' and \\ with a backslash"
+)
+
 
 def _from_keyvalue(dsn: str) -> URL:
     """Parse a libpq ``key=value`` connection string into a SQLAlchemy URL."""
-    from psycopg.conninfo import conninfo_to_dict
-
     try:
-        params = {k: str(v) for k, v in conninfo_to_dict(dsn).items() if v is not None}
-    except Exception as exc:
-        raise ValueError(f"cannot parse connection string: {exc}") from None
+        parsed: dict[str, Any] | None = conninfo_to_dict(dsn)
+    except Exception:
+        parsed = None
+    if parsed is None:
+        # Raised here, outside the handler, so that not even __context__ keeps
+        # libpq's message: it quotes the text near the mistake, which may well
+        # be a piece of the password (`password=my secret` fails at "secret").
+        raise InvalidArgumentError(f"cannot parse the connection string: {_KEYVALUE_HELP}")
+    params = {k: str(v) for k, v in parsed.items() if v is not None}
     host = params.pop("host", None)
     query = {k: v for k, v in params.items() if k not in _KV_URL_PARTS}
     if host is not None and (host.startswith("/") or "," in host):
@@ -115,17 +157,67 @@ def _from_keyvalue(dsn: str) -> URL:
     )
 
 
-def resolve_url(dsn: str | None) -> str:
+def _on_psycopg(url: URL) -> URL:
+    """``url`` on the psycopg 3 driver, if it is a PostgreSQL URL at all."""
+    backend = url.drivername.split("+", 1)[0]
+    if backend not in ("postgresql", "postgres"):
+        raise InvalidArgumentError(
+            f"not a PostgreSQL DSN: {display_url(url)!r} (scheme {url.drivername!r})"
+        )
+    return url.set(drivername=_DRIVER)
+
+
+def parse_dsn(dsn: str | URL) -> URL:
+    """The SQLAlchemy URL, on the psycopg 3 driver, of a DSN given as text or URL.
+
+    Accepts a libpq URL (``postgresql://`` or ``postgres://``), a SQLAlchemy
+    URL on any PostgreSQL driver (``postgresql+psycopg2://`` ...), as text or
+    as a :class:`~sqlalchemy.engine.URL`, or a libpq ``key=value`` string.
+    Query parameters such as ``host=/socket/dir``, ``sslmode`` or
+    ``options`` are preserved. No I/O.
+
+    Raises:
+        ArgumentTypeError: ``dsn`` is neither a str nor a URL.
+        InvalidArgumentError: it cannot be parsed or is not a PostgreSQL DSN;
+            the message never quotes the DSN's password.
+    """
+    if isinstance(dsn, URL):
+        return _on_psycopg(dsn)
+    if not isinstance(dsn, str):
+        raise ArgumentTypeError(
+            f"dsn must be a str, a sqlalchemy URL or Engine, not {type(dsn).__name__}"
+        )
+    dsn = dsn.strip()
+    if not dsn:
+        raise InvalidArgumentError("empty DSN")
+    if "://" not in dsn:
+        if "=" not in dsn:  # not quoted: it may be all password (`u:pw@host/db`)
+            raise InvalidArgumentError(
+                "not a PostgreSQL DSN: expected postgresql://user:password@host:port/dbname "
+                "or libpq key=value pairs"
+            )
+        return _from_keyvalue(dsn)
+    try:
+        url: URL | None = make_url(dsn)
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
+        url = None
+    if url is None:  # raised outside the handler: the parser's message may quote the DSN
+        raise InvalidArgumentError(
+            "cannot parse DSN (expected postgresql://user:password@host:port/dbname)"
+        )
+    return _on_psycopg(url)
+
+
+def resolve_url(dsn: str | URL | None) -> str:
     """Return a SQLAlchemy URL string on the psycopg 3 driver for ``dsn``.
 
     ``dsn`` may be ``None`` (then ``$SESSIONSTORE_DSN``, then the embedded
-    server of :mod:`sessionstore.embedded`), a libpq URL (``postgresql://`` or
-    ``postgres://``), a SQLAlchemy URL on any PostgreSQL driver
-    (``postgresql+psycopg2://`` ...) or a libpq ``key=value`` string. Query
-    parameters such as ``host=/socket/dir`` or ``sslmode`` are preserved.
+    server of :mod:`sessionstore.embedded`) or anything :func:`parse_dsn`
+    takes.
 
     Raises:
-        ValueError: the DSN cannot be parsed or is not a PostgreSQL DSN.
+        InvalidArgumentError: the DSN cannot be parsed or is not a PostgreSQL
+            DSN (a ValueError).
     """
     if dsn is None:
         dsn = os.environ.get(DSN_ENV) or None
@@ -133,35 +225,63 @@ def resolve_url(dsn: str | None) -> str:
         from sessionstore.embedded import embedded_dsn
 
         dsn = embedded_dsn()
-    dsn = dsn.strip()
-    if not dsn:
-        raise ValueError("empty DSN")
-    if "://" not in dsn:
-        if "=" not in dsn:
-            raise ValueError(f"not a PostgreSQL DSN: {dsn!r}")
-        return _from_keyvalue(dsn).render_as_string(hide_password=False)
-    try:
-        url = make_url(dsn)
-    except ArgumentError:
-        raise ValueError("cannot parse DSN (expected postgresql://user:pw@host:port/db)") from None
-    backend = url.drivername.split("+", 1)[0]
-    if backend not in ("postgresql", "postgres"):
-        raise ValueError(
-            f"not a PostgreSQL DSN: {url.render_as_string(hide_password=True)!r} "
-            f"(scheme {url.drivername!r})"
-        )
-    return url.set(drivername=_DRIVER).render_as_string(hide_password=False)
+    return parse_dsn(dsn).render_as_string(hide_password=False)
+
+
+def libpq_conninfo(url: str | URL) -> str:
+    """The libpq connection string (``key=value`` pairs) of the server ``url`` names.
+
+    For connections that sessionstore makes with psycopg directly (the
+    control connection). The parameters are the ones SQLAlchemy's psycopg
+    dialect gives psycopg for the same URL, so both reach the same server
+    with the same settings (multi-host lists, ``host=/socket/dir``,
+    ``options=-c statement_timeout=5000``). Quoted by psycopg, not rendered
+    as a URL: SQLAlchemy renders a space in a query value as ``+``, which
+    libpq does not decode, and leaves a space in a password bare, which
+    libpq refuses (quoting the password in its message).
+    """
+    url = url if isinstance(url, URL) else make_url(url)
+    dialect = url.set(drivername=_DRIVER).get_dialect()()
+    args, params = dialect.create_connect_args(url)
+    return make_conninfo(*args, **{k: v for k, v in params.items() if v is not None})
 
 
 def display_url(url: str | URL) -> str:
-    """``url`` for messages and logs: password hidden, query readable."""
+    """``url`` for messages and logs: password hidden, query readable.
+
+    The query is shown decoded (``options=-c statement_timeout=5000``, not
+    SQLAlchemy's ``-c+statement_timeout%3D5000``); a ``password`` in it
+    (a ``key=value`` DSN without a user) is hidden too.
+    """
     from urllib.parse import unquote
 
-    return unquote(make_url(url).render_as_string(hide_password=True))
+    url = url if isinstance(url, URL) else make_url(url)
+    shown = unquote(url.set(query={}).render_as_string(hide_password=True))
+    pairs = [
+        f"{name}={'***' if name == 'password' else value}"
+        for name, values in url.query.items()
+        for value in ((values,) if isinstance(values, str) else values)
+    ]
+    return f"{shown}?{'&'.join(pairs)}" if pairs else shown
+
+
+def check_engine(engine: Engine) -> Engine:
+    """``engine`` if it is a PostgreSQL engine on the psycopg (3) driver.
+
+    Raises:
+        InvalidArgumentError: it uses another database or driver.
+    """
+    if engine.dialect.name != "postgresql" or engine.dialect.driver != "psycopg":
+        raise InvalidArgumentError(
+            "sessionstore needs a PostgreSQL engine on the psycopg (3) driver, "
+            f"got {engine.dialect.name}+{engine.dialect.driver} "
+            f"({display_url(engine.url)}); use a 'postgresql+psycopg://' URL"
+        )
+    return engine
 
 
 def create_engine(
-    dsn: str | Engine | None,
+    dsn: str | URL | Engine | None,
     *,
     pool_size: int = 10,
     application_name: str = "sessionstore",
@@ -176,21 +296,15 @@ def create_engine(
     level is set and reset on every checkout: 73 µs against 34 µs, measured).
 
     Raises:
-        ValueError: the Engine uses another driver, or the DSN is invalid.
+        InvalidArgumentError: the Engine uses another driver, or the DSN is
+            invalid (a ValueError).
     """
     if isinstance(dsn, Engine):
-        if dsn.dialect.name != "postgresql" or dsn.dialect.driver != "psycopg":
-            raise ValueError(
-                "sessionstore needs a PostgreSQL engine on the psycopg (3) driver, "
-                f"got {dsn.dialect.name}+{dsn.dialect.driver} "
-                f"({dsn.url.render_as_string(hide_password=True)}); "
-                "use a 'postgresql+psycopg://' URL"
-            )
-        return dsn
+        return check_engine(dsn)
     if pool_size < 1:
-        raise ValueError(f"pool_size must be >= 1, got {pool_size}")
+        raise InvalidArgumentError(f"pool_size must be >= 1, got {pool_size}")
     url = make_url(resolve_url(dsn))
-    _log.debug("creating engine for %s", url.render_as_string(hide_password=True))
+    _log.debug("creating engine for %s", display_url(url))
     return sqlalchemy.create_engine(
         url,
         pool_size=pool_size,
@@ -327,7 +441,9 @@ def clear_schema_cache() -> None:
         _ready.clear()
 
 
-def ensure_schema(engine: Engine, schema: str = DEFAULT_SCHEMA) -> None:
+def ensure_schema(
+    engine: Engine, schema: str = DEFAULT_SCHEMA, *, retry: RetryPolicy | None = None
+) -> None:
     """Bring ``schema`` to the newest shipped alembic revision.
 
     Fast path: a schema already at head costs one query, and nothing at all
@@ -336,13 +452,31 @@ def ensure_schema(engine: Engine, schema: str = DEFAULT_SCHEMA) -> None:
     again, run ``alembic upgrade head`` on that connection in one transaction,
     and unlock. A database at a revision this package does not know (a newer
     deploy migrated it) is left alone.
+
+    Database errors go through :func:`~sessionstore.retry.with_retries` with
+    ``retry`` (default: :class:`RetryPolicy`'s 10 s): a server that does not
+    answer raises :class:`StorageUnavailableError` once that runs out, any
+    other database error at once; the message hides the password.
     """
-    validate_identifier(schema)
+    validate_schema_name(schema, "schema")
     key = _cache_key(engine, schema)
     with _ready_lock:
         if key in _ready:
             return
     head, known = _shipped_revisions()
+    password = engine.url.password
+    with_retries(
+        retry if retry is not None else RetryPolicy(),
+        f"schema {schema!r} of {display_url(engine.url)}: ensure schema",
+        lambda: _bring_to_head(engine, schema, head, known),
+        secrets=[str(password)] if password else [],
+    )
+    with _ready_lock:
+        _ready.add(key)
+
+
+def _bring_to_head(engine: Engine, schema: str, head: str, known: frozenset[str]) -> None:
+    """One attempt of :func:`ensure_schema`."""
     # Transactions here, whatever the engine's own default (a Store's is autocommit).
     engine = engine.execution_options(isolation_level="READ COMMITTED")
     revision = current_revision(engine, schema)
@@ -355,8 +489,6 @@ def ensure_schema(engine: Engine, schema: str = DEFAULT_SCHEMA) -> None:
                 revision,
                 head,
             )
-        with _ready_lock:
-            _ready.add(key)
         return
 
     from alembic import command
@@ -371,7 +503,7 @@ def ensure_schema(engine: Engine, schema: str = DEFAULT_SCHEMA) -> None:
                 _log.info(
                     "upgrading schema %r of %s from %s to %s",
                     schema,
-                    engine.url.render_as_string(hide_password=True),
+                    display_url(engine.url),
                     revision,
                     head,
                 )
@@ -386,8 +518,6 @@ def ensure_schema(engine: Engine, schema: str = DEFAULT_SCHEMA) -> None:
                 conn.commit()
             except Exception:  # the connection is gone: so is its advisory lock
                 conn.invalidate()
-    with _ready_lock:
-        _ready.add(key)
 
 
 def driver_connection(conn: Connection) -> psycopg.Connection[Any]:

@@ -9,6 +9,12 @@ codec of the package (orjson). Keys are validated here too.
 Frozen containers subclass ``dict`` and ``list``: they compare equal to plain
 ones and serialise like them (``json``, ``orjson``), but every mutating
 method raises ``TypeError``.
+
+Data nested deeper than :data:`MAX_DEPTH` levels, or that contains itself,
+raises :class:`InvalidDataError` from every entry point here, never a
+``RecursionError``: the walkers count their depth and keep the ids of the
+containers on their current path (and use one stack frame per level, so a
+document at the limit fits comfortably within Python's recursion limit).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from .errors import CorruptDataError, InvalidDataError, InvalidKeyError
 
 __all__ = [
     "JSON",
+    "MAX_DEPTH",
     "MAX_KEY_BYTES",
     "FrozenDict",
     "FrozenList",
@@ -39,6 +46,12 @@ JSON = Any
 """A JSON value: dict, list, str, int, float, bool or None."""
 
 MAX_KEY_BYTES = 512
+MAX_DEPTH = 255
+"""Deepest nesting of a document, in levels: the top value is at level 1, the
+items of a container at level n are at level n + 1, and nothing may be at
+level 256. So containers nest at most 254 deep (a 255th, even empty, opens
+level 256): exactly what orjson, the package's codec, can serialise."""
+_CONTAINER_DEPTH = MAX_DEPTH - 1
 _INT_MIN = -(2**63)
 _INT_MAX = 2**64 - 1  # orjson's range: signed and unsigned 64-bit
 
@@ -121,15 +134,27 @@ _frozen_list = FrozenList
 
 
 def _bad(path: str, why: str) -> NoReturn:
+    if len(path) > 120:  # 254 levels of "[0]" say nothing the head and tail do not
+        path = f"{path[:60]}...{path[-40:]}"
     raise InvalidDataError(f"data at {path or '$'} is not JSON: {why}")
+
+
+_TOO_DEEP = f"nesting deeper than {MAX_DEPTH} levels"
+_CYCLE = "cycle: a container that contains itself"
 
 
 def freeze(value: Any, path: str = "") -> Any:
     """Check that ``value`` is JSON and return it deeply frozen.
 
     Already-frozen subtrees are checked and shared, not copied twice. Raises
-    :class:`InvalidDataError` naming the path of the first offending value.
+    :class:`InvalidDataError` naming the path of the first offending value
+    (nesting deeper than :data:`MAX_DEPTH` and cycles included).
     """
+    return _freeze(value, path, 1, set())
+
+
+def _freeze(value: Any, path: str, depth: int, active: set[int]) -> Any:
+    """:func:`freeze` of ``value`` at level ``depth``; ``active``: ids of the containers above."""
     kind = type(value)
     if kind is str or kind is bool or value is None:
         return value
@@ -140,33 +165,73 @@ def freeze(value: Any, path: str = "") -> Any:
     # An IntEnum or str-mixin enum is an int or a str (as json.dumps has it):
     # stored, and given back, as the plain value.
     if isinstance(value, int) and not isinstance(value, bool):
-        return freeze(int(value), path)
+        return _freeze(int(value), path, depth, active)
     if isinstance(value, str):
         return str.__str__(value)
     if kind is float:
         if math.isfinite(value):
             return value
         _bad(path, f"float {value} is not finite")
-    if kind is dict or kind is FrozenDict:
+    is_dict = kind is dict or kind is FrozenDict
+    if not (is_dict or kind is list or kind is FrozenList or kind is tuple):
+        _bad(path, f"{kind.__name__} is not a JSON type")
+    if depth > _CONTAINER_DEPTH:
+        _bad(path, _TOO_DEEP)
+    ident = id(value)
+    if ident in active:
+        _bad(path, _CYCLE)
+    active.add(ident)
+    # Loops rather than comprehensions: on 3.10 and 3.11 a comprehension is
+    # one more stack frame per level.
+    if is_dict:
         items = {}
         for name, item in value.items():
             if type(name) is not str:
                 _bad(path, f"dict key {name!r} is {type(name).__name__}, not str")
-            items[name] = freeze(item, f"{path}.{name}")
-        return FrozenDict(items)
-    if kind is list or kind is FrozenList or kind is tuple:
-        return _frozen_list([freeze(item, f"{path}[{index}]") for index, item in enumerate(value)])
-    _bad(path, f"{kind.__name__} is not a JSON type")
+            items[name] = _freeze(item, f"{path}.{name}", depth + 1, active)
+        frozen: Any = FrozenDict(items)
+    else:
+        elements = []
+        for index, item in enumerate(value):
+            elements.append(_freeze(item, f"{path}[{index}]", depth + 1, active))
+        frozen = _frozen_list(elements)
+    active.discard(ident)
+    return frozen
 
 
 def freeze_json(value: Any) -> Any:
-    """Freeze data known to be JSON (fresh from :func:`decode`): no checks, no copies of scalars."""
+    """Freeze data known to be JSON (fresh from :func:`decode`): no checks, no copies of scalars.
+
+    Any depth: JSON that only another writer could have stored (orjson
+    parses up to 1024 levels, more than sessionstore writes) is frozen by
+    an iterative walk when the recursive one runs out of stack.
+    """
     kind = type(value)
-    if kind is dict:
-        return _freeze_dict(value)
-    if kind is list:
-        return _freeze_list(value)
+    try:
+        if kind is dict:
+            return _freeze_dict(value)
+        if kind is list:
+            return _freeze_list(value)
+    except RecursionError:
+        return _freeze_json_deep(value)
     return value
+
+
+def _freeze_json_deep(value: Any) -> Any:
+    """:func:`freeze_json` without recursion: copy each container, then fix up its children."""
+    root = FrozenDict(value) if type(value) is dict else FrozenList(value)
+    pending: list[tuple[Any, Any]] = [(value, root)]
+    while pending:
+        source, frozen = pending.pop()
+        slots = source.items() if type(source) is dict else enumerate(source)
+        setter = _dict_set if type(source) is dict else _list_set
+        for slot, item in slots:
+            kind = type(item)
+            if kind is dict or kind is list:
+                child = FrozenDict(item) if kind is dict else FrozenList(item)
+                setter(frozen, slot, child)
+                pending.append((item, child))
+    return root
 
 
 # The two walkers test each child's type inline instead of recursing into
@@ -174,6 +239,7 @@ def freeze_json(value: Any) -> Any:
 # in C and only its container values are replaced (through dict's own
 # __setitem__, as FrozenDict refuses); a list is rebuilt by a comprehension.
 _dict_set = dict.__setitem__
+_list_set = list.__setitem__
 
 
 def _freeze_dict(value: dict[str, Any]) -> FrozenDict:
@@ -200,14 +266,40 @@ def _freeze_list(value: list[Any]) -> FrozenList:
     )
 
 
+_CONTAINERS = frozenset({dict, FrozenDict, list, FrozenList, tuple})
+
+
 def thaw(value: Any) -> Any:
-    """Return a deep, plain, mutable copy of JSON data (frozen or not)."""
-    kind = type(value)
-    if kind is dict or kind is FrozenDict:
-        return {name: thaw(item) for name, item in value.items()}
-    if kind is list or kind is FrozenList or kind is tuple:
-        return [thaw(item) for item in value]
+    """Return a deep, plain, mutable copy of JSON data (frozen or not).
+
+    Values that are not containers are returned as they are (unchecked);
+    containers nested deeper than :data:`MAX_DEPTH`, or containing
+    themselves, raise :class:`InvalidDataError`.
+    """
+    if type(value) in _CONTAINERS:
+        return _thaw(value, 1, set())
     return value
+
+
+def _thaw(value: Any, depth: int, active: set[int]) -> Any:
+    """:func:`thaw` of the container ``value`` at level ``depth``."""
+    if depth > _CONTAINER_DEPTH:
+        raise InvalidDataError(f"data is not JSON: {_TOO_DEEP}")
+    ident = id(value)
+    if ident in active:
+        raise InvalidDataError(f"data is not JSON: {_CYCLE}")
+    active.add(ident)
+    kinds = _CONTAINERS
+    if type(value) is dict or type(value) is FrozenDict:
+        copy: Any = {}
+        for name, item in value.items():
+            copy[name] = _thaw(item, depth + 1, active) if type(item) in kinds else item
+    else:
+        copy = []
+        for item in value:
+            copy.append(_thaw(item, depth + 1, active) if type(item) in kinds else item)
+    active.discard(ident)
+    return copy
 
 
 # orjson would quietly turn these into JSON (a dataclass into an object, a

@@ -1,17 +1,24 @@
 """Retrying transient database errors with exponential backoff and jitter.
 
-Owns which database errors count as transient (connection lost, server
-restart, serialisation failure, deadlock) and :class:`AttemptWithBackoff`,
-the one retry loop of the package. After the last attempt the error surfaces
-as :class:`StorageUnavailableError` with the original chained.
+Owns which database errors count as transient (:func:`is_transient`: the
+connection was lost, the server is restarting or full of connections, a
+serialisation failure or deadlock) and :func:`with_retries`, the one retry
+loop of the package, which is also where database errors stop: nothing
+raw from SQLAlchemy or psycopg leaves it. A transient error is retried
+until the policy's timeout and then raised as
+:class:`StorageUnavailableError`; any other database error is raised as
+:class:`StorageUnavailableError` at once. The original is always chained.
+Errors that are not database errors (sessionstore's own, a user callback's)
+pass through unchanged.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -20,23 +27,89 @@ import sqlalchemy.exc
 
 from .errors import StorageUnavailableError
 
-__all__ = ["AttemptWithBackoff", "RetryPolicy", "is_transient", "with_retries"]
+__all__ = [
+    "AttemptWithBackoff",
+    "RetryPolicy",
+    "describe",
+    "is_database_error",
+    "is_transient",
+    "sqlstate_of",
+    "with_retries",
+]
 
 T = TypeVar("T")
 logger = logging.getLogger("sessionstore")
+
+# SQLSTATEs after which a new attempt, on a fresh connection, may succeed:
+# the server is shutting down or starting up (57P01-57P03), closed an idle
+# session (57P05), has no connection slot free now (53300), or rolled the
+# transaction back to resolve a conflict (40001, 40P01). Class 08 (connection
+# exceptions) is matched by prefix. Everything else is an answer that a
+# retry would only repeat, and slowly: a statement or lock timeout
+# (57014, 55P03) would cost its whole timeout again per attempt, a full disk
+# (53100), out of memory (53200) or program limit (54xxx) does not clear in
+# seconds, and a SQL error is a bug.
+_TRANSIENT_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "57P05", "53300", "40001", "40P01"})
+_TRANSIENT_CLASSES = ("08",)
+
+
+def sqlstate_of(exc: BaseException) -> str | None:
+    """The SQLSTATE of a database error (SQLAlchemy-wrapped or not), or None."""
+    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.orig is not None:
+        exc = exc.orig
+    sqlstate = getattr(exc, "sqlstate", None) if isinstance(exc, psycopg.Error) else None
+    return sqlstate if isinstance(sqlstate, str) else None
+
+
+def is_database_error(exc: BaseException) -> bool:
+    """Did SQLAlchemy or psycopg raise this (as opposed to our code or a user's)?"""
+    return isinstance(exc, sqlalchemy.exc.SQLAlchemyError | psycopg.Error)
 
 
 def is_transient(exc: BaseException) -> bool:
     """True for errors that a new attempt on a fresh connection may not see again."""
     if isinstance(exc, sqlalchemy.exc.DBAPIError):
-        if exc.connection_invalidated:
+        if exc.connection_invalidated:  # SQLAlchemy saw a disconnect
             return True
-        exc = exc.orig if exc.orig is not None else exc
-    if isinstance(exc, sqlalchemy.exc.TimeoutError):  # pool exhausted for pool_timeout
+        if exc.orig is not None:
+            exc = exc.orig
+    # Pool exhausted for pool_timeout, or a pooled connection found dead.
+    if isinstance(exc, sqlalchemy.exc.TimeoutError | sqlalchemy.exc.DisconnectionError):
         return True
-    # psycopg.OperationalError covers connection failures, admin shutdown,
-    # serialization_failure and deadlock_detected (TransactionRollbackError).
-    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+    if not isinstance(exc, psycopg.Error):
+        return False
+    sqlstate = exc.sqlstate
+    if sqlstate is None:
+        # No answer from a server at all: the connection could not be made
+        # or was lost (libpq's errors carry no SQLSTATE), or psycopg found
+        # it closed. Other errors without one are raised by the client
+        # itself (a bad parameter, say): a retry would repeat them.
+        return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+    return sqlstate in _TRANSIENT_SQLSTATES or sqlstate.startswith(_TRANSIENT_CLASSES)
+
+
+_MESSAGE_LIMIT = 500
+
+
+def describe(exc: BaseException, secrets: Iterable[str] = ()) -> str:
+    """A one-line account of a database error for messages and logs.
+
+    The driver's message and SQLSTATE, without SQLAlchemy's ``[SQL: ...]``
+    and ``[parameters: ...]`` (the parameters may be a whole document), with
+    every one of ``secrets`` (a password, say) replaced by ``***``.
+    """
+    orig = exc.orig if isinstance(exc, sqlalchemy.exc.DBAPIError) else exc
+    if orig is None:
+        orig = exc
+    text = re.sub(r"\s+", " ", str(orig)).strip() or type(orig).__name__
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    if len(text) > _MESSAGE_LIMIT:
+        text = text[: _MESSAGE_LIMIT - 3] + "..."
+    sqlstate = sqlstate_of(exc)
+    where = f", SQLSTATE {sqlstate}" if sqlstate else ""
+    return f"{type(orig).__name__}{where}: {text}"
 
 
 @dataclass(frozen=True)
@@ -91,21 +164,35 @@ def with_retries(
     operation: Callable[[], T],
     *,
     extra: Mapping[str, object] | None = None,
+    secrets: Iterable[str] = (),
 ) -> T:
     """Run ``operation``, retrying transient errors until ``policy.timeout``.
 
-    Raises :class:`StorageUnavailableError` (original chained) once out of
-    attempts; other errors propagate at once.
+    Raises :class:`StorageUnavailableError`, the original chained and its
+    message saying ``what`` failed and the SQLSTATE: once out of time for a
+    transient error, at once for any other database error (SQLAlchemy's or
+    psycopg's). Other exceptions propagate unchanged. ``secrets`` (e.g. the
+    DSN's password) are masked in the message and the retry log lines.
     """
     attempt = AttemptWithBackoff(policy)
     while True:
         try:
             return operation()
         except Exception as exc:
-            if not is_transient(exc):
+            if not is_database_error(exc):
                 raise
+            if not is_transient(exc):
+                raise StorageUnavailableError(
+                    f"{what}: database error: {describe(exc, secrets)}"
+                ) from exc
             if not attempt.sleep():
                 raise StorageUnavailableError(
-                    f"{what}: database unavailable after {attempt.attempts} attempts: {exc}"
+                    f"{what}: database unavailable after {attempt.attempts} attempts "
+                    f"({policy.timeout:g} s): {describe(exc, secrets)}"
                 ) from exc
-            logger.warning("%s: transient database error, retrying: %s", what, exc, extra=extra)
+            logger.warning(
+                "%s: transient database error, retrying: %s",
+                what,
+                describe(exc, secrets),
+                extra=extra,
+            )

@@ -5,10 +5,12 @@ its encoded JSON, the lease token, the newest version written, the names of
 applied migrations, and whether there are unsaved changes (a change counter
 against a saved counter). It runs ``update`` and ``update_immutable``
 entirely in memory under the session's condition lock, so transforms of one
-key are serialised and see each other's results. Saving, unloading and
-transactions are driven by the Store; they take the session's FIFO turn
-(:class:`~sessionstore.queue.KeyQueue`) and use :meth:`Session.snapshot` /
-:meth:`Session.mark_saved`. No I/O happens here.
+key are serialised and see each other's results. Whether the key may still
+change is its registry entry's state (:mod:`sessionstore._registry`), read
+here under the same condition. Saving, unloading and transactions are driven
+by the save path; they take the session's FIFO turn
+(:class:`~sessionstore.queue.KeyQueue`) and use :meth:`Session.pending_write`
+/ :meth:`Session.mark_saved`. No I/O happens here.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from ._registry import KeyEntry, KeyState
+from ._storage.types import PendingWrite
 from .errors import InvalidDataError, SessionClosedError, TransformError
 from .frozen import decode, encode, encode_with_copy, freeze_json
 from .queue import KeyQueue
@@ -29,10 +33,10 @@ __all__ = [
     "Change",
     "Rules",
     "Session",
-    "Snapshot",
     "ViewCache",
     "in_transform",
     "run_transform",
+    "user_code",
 ]
 
 _local = threading.local()
@@ -43,21 +47,29 @@ def in_transform() -> bool:
     return getattr(_local, "depth", 0) > 0
 
 
+def user_code(fn: Callable[..., Any], *args: Any) -> Any:
+    """Call user code that runs while a key is held for a change (a transform, a
+    schema validator): store calls from it are refused (``in_transform``), as
+    they would wait for the very key it is changing."""
+    _local.depth = getattr(_local, "depth", 0) + 1
+    try:
+        return fn(*args)
+    finally:
+        _local.depth -= 1
+
+
 def run_transform(fn: Callable[..., Any], argument: Any, context: Callable[[], str]) -> Any:
     """Call a user transform; anything it raises becomes :class:`TransformError`.
 
     ``context`` names what is being changed, for the message (built only on error).
+    Deep recursion in the transform is an error of the transform, like any other.
     """
-    # The depth marks this thread as inside a transform (see in_transform).
-    _local.depth = getattr(_local, "depth", 0) + 1
     try:
-        return fn(argument)
+        return user_code(fn, argument)
     except TransformError:
         raise
     except Exception as exc:
         raise TransformError(f"{context()}: transform raised {exc!r}") from exc
-    finally:
-        _local.depth -= 1
 
 
 class ViewCache:
@@ -112,7 +124,7 @@ class Rules:
     def check(self, value: Any, encoded: bytes, key: str) -> None:
         """Schema and size checks of data already encoded (so known to be JSON)."""
         if self.validator is not accept_any:
-            self.validator(value, f"store {self.store!r} key {key!r}")
+            user_code(self.validator, value, f"store {self.store!r} key {key!r}")
         if len(encoded) > self.max_document_size:
             raise InvalidDataError(
                 f"store {self.store!r} key {key!r}: document is {len(encoded)} bytes of JSON; "
@@ -133,31 +145,18 @@ class Change(NamedTuple):
     new: bytes
 
 
-@dataclass(frozen=True)
-class Snapshot:
-    """What a save writes: the data as of change ``seq`` as version ``version``."""
-
-    seq: int
-    encoded: bytes
-    migrations: tuple[str, ...]
-    version: int
-    token: int
-    new_record: bool
-
-
 class Session:
     """The state of one loaded key. Created by the Store after the lease is taken."""
 
     __slots__ = (
         "__weakref__",
-        "_close_lock",
         "_spare",
         "_view",
         "cached",
         "change_seq",
-        "closed_reason",
         "cond",
         "encoded",
+        "entry",
         "key",
         "lease_confirmed_at",
         "migrations",
@@ -166,14 +165,13 @@ class Session:
         "rules",
         "saved_seq",
         "token",
-        "tx_active",
-        "unloading",
         "version",
     )
 
     def __init__(
         self,
         rules: Rules,
+        entry: KeyEntry,
         key: str,
         token: int,
         encoded: bytes,
@@ -184,6 +182,8 @@ class Session:
         lease_confirmed_at: float,
     ) -> None:
         self.rules = rules
+        self.entry = entry
+        """The key's registry entry: its state says whether it may still change."""
         self.key = key
         self.token = token
         self.encoded = encoded
@@ -195,7 +195,6 @@ class Session:
         # reach: the next update hands it to its transform instead of decoding
         # again (the validation in encode_with_copy produced it for free).
         self._spare: Any = None
-        self._close_lock = threading.Lock()
         self.cached = False
         """In the store's ViewCache (guarded by the cache's lock)."""
         self.version = version
@@ -208,9 +207,6 @@ class Session:
         self.queue = KeyQueue(self.cond)
         self.change_seq = 1 if dirty else 0
         self.saved_seq = 0
-        self.closed_reason: str | None = None
-        self.unloading = False
-        self.tx_active = False
         self.lease_confirmed_at = lease_confirmed_at
         """``time.monotonic()`` when the lease was last known good."""
 
@@ -255,7 +251,11 @@ class Session:
 
     @property
     def closed(self) -> bool:
-        return self.closed_reason is not None
+        return self.entry.state is KeyState.CLOSED
+
+    @property
+    def closed_reason(self) -> str | None:
+        return self.entry.closed_reason if self.closed else None
 
     @property
     def saved(self) -> bool:
@@ -265,27 +265,17 @@ class Session:
         return f"store {self.rules.store!r} key {self.key!r}"
 
     def check_open(self) -> None:
-        if self.closed_reason is not None:
-            raise SessionClosedError(f"{self._context()}: session closed ({self.closed_reason})")
-        if self.unloading:
+        state = self.entry.state
+        if state is KeyState.CLOSED:
+            raise SessionClosedError(
+                f"{self._context()}: session closed ({self.entry.closed_reason}); load() it again"
+            )
+        if state is KeyState.UNLOADING:
             raise SessionClosedError(f"{self._context()}: session is being unloaded")
 
     def _wait_for_tx(self) -> None:
-        while self.tx_active:
+        while self.entry.in_tx:
             self.cond.wait()
-
-    def close(self, reason: str) -> bool:
-        """Close the session; False if it was already closed.
-
-        Does not wait for a running transform (its commit then fails the
-        open check of the next call, and the write is fenced anyway).
-        """
-        with self._close_lock:
-            if self.closed_reason is not None:
-                return False
-            self.closed_reason = reason
-        self.rules.views.forget(self)
-        return True
 
     # -- in-memory changes ----------------------------------------------------
 
@@ -344,14 +334,13 @@ class Session:
 
     # -- saving ---------------------------------------------------------------
 
-    def snapshot(self, *, unloading: bool = False) -> Snapshot | None:
-        """What to write now, or None if saved. With ``unloading``, refuse later updates."""
+    def pending_write(self) -> PendingWrite | None:
+        """What a save writes now (the data as of the newest change), or None if saved."""
         with self.cond:
-            if unloading:
-                self.unloading = True
             if self.saved_seq == self.change_seq:
                 return None
-            return Snapshot(
+            return PendingWrite(
+                self.key,
                 self.change_seq,
                 self.encoded,
                 self.migrations,
@@ -360,7 +349,7 @@ class Session:
                 self.version == 0,
             )
 
-    def mark_saved(self, snapshot: Snapshot) -> None:
+    def mark_saved(self, snapshot: PendingWrite) -> None:
         with self.cond:
             self.saved_seq = max(self.saved_seq, snapshot.seq)
             self.version = snapshot.version
@@ -379,21 +368,12 @@ class Session:
         with self.cond:
             self.change_seq += 1
 
-    def abort_unload(self) -> None:
-        with self.cond:
-            self.unloading = False
-
     # -- transactions -----------------------------------------------------------
 
-    def begin_tx(self) -> None:
-        """Block updates of this key until :meth:`end_tx` (the caller holds its turn)."""
-        with self.cond:
-            self.check_open()
-            self.tx_active = True
-
     def end_tx(self) -> None:
+        """The tx that claimed this key (``KeyTable.claim_tx``) is over: updates go on."""
         with self.cond:
-            self.tx_active = False
+            self.entry.in_tx = False
             self.cond.notify_all()
 
     def commit_written(self, encoded: bytes, version: int) -> Change | None:

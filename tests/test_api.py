@@ -16,6 +16,8 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
+from conftest import in_thread
+
 import sessionstore as ss
 
 TEMPLATE = {"coins": 0, "inventory": []}
@@ -134,38 +136,67 @@ def test_load_of_a_loaded_key_is_a_noop(make_store: Callable[..., ss.Store]) -> 
     assert len(recorder.calls) == calls, "a no-op load must not fire callbacks"
 
 
-def test_concurrent_load_of_the_same_key_raises_load_in_progress(
+def test_concurrent_load_of_the_same_key_waits_and_shares_the_outcome(
     make_store: Callable[..., ss.Store],
 ) -> None:
+    """DESIGN §6 (changed contract): another thread's load of a loading key waits for it.
+
+    It used to raise LoadInProgressError; now the second load returns once the
+    first is done, having loaded nothing itself (one legacy import, one lease),
+    and a re-entry on the loading thread still raises LoadInProgressError.
+    """
     entered = threading.Event()
     release = threading.Event()
+    imports: list[str] = []
+    reentry: list[BaseException] = []
 
     def slow_import(key: str) -> Any:
+        imports.append(key)
+        try:
+            store.load(key)  # from the loading thread itself
+        except BaseException as exc:
+            reentry.append(exc)
         entered.set()
         assert release.wait(10)
         return {"coins": 42, "inventory": []}
 
     store = make_store(import_legacy_data=slow_import)
-    errors: list[BaseException] = []
-
-    def first_load() -> None:
-        try:
-            store.load("k")
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=first_load, daemon=True)
-    thread.start()
-    try:
-        assert entered.wait(10), "the first load never reached import_legacy_data"
-        with pytest.raises(ss.LoadInProgressError):
-            store.load("k")
-    finally:
-        release.set()
+    first, first_outcome = in_thread(lambda: store.load("k"))
+    assert entered.wait(10), "the first load never reached import_legacy_data"
+    second, second_outcome = in_thread(lambda: store.load("k"))
+    getter, got = in_thread(lambda: store.get("k"))
+    time.sleep(0.1)  # give the second load a chance to (wrongly) finish early
+    assert second.is_alive(), "the second load must wait for the first"
+    assert getter.is_alive(), "get() of a loading key must wait for the load"
+    release.set()
+    for thread in (first, second, getter):
         thread.join(10)
-    assert not thread.is_alive()
-    assert errors == []
+    assert first_outcome == [None] and second_outcome == [None] and got == [None]
+    assert imports == ["k"], "the second load must not load again"
+    assert len(reentry) == 1 and isinstance(reentry[0], ss.LoadInProgressError)
     assert store.get("k") == {"coins": 42, "inventory": []}
+
+
+def test_a_failed_load_fails_its_waiters_too(make_store: Callable[..., ss.Store]) -> None:
+    entered = threading.Event()
+    release = threading.Event()
+
+    def failing_import(key: str) -> Any:
+        entered.set()
+        assert release.wait(10)
+        raise RuntimeError("legacy system down")
+
+    store = make_store(import_legacy_data=failing_import)
+    first, first_outcome = in_thread(lambda: store.load("k"))
+    assert entered.wait(10)
+    second, second_outcome = in_thread(lambda: store.load("k"))
+    time.sleep(0.05)
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert isinstance(first_outcome[0], RuntimeError)
+    assert second_outcome and second_outcome[0] is first_outcome[0], "waiters share the error"
+    assert not store.probe_lock_active("k"), "the failed load released its lease"
 
 
 def test_load_uses_import_legacy_data_for_unknown_keys(make_store: Callable[..., ss.Store]) -> None:

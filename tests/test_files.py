@@ -24,7 +24,8 @@ import zstandard
 from conftest import in_thread, lock_waiter, wait_until
 
 import sessionstore as ss
-from sessionstore import files
+from sessionstore._storage import codec, files
+from sessionstore._storage.types import WriteResult
 from sessionstore.db import create_engine
 
 # Small thresholds so shard boundaries are cheap to cross.
@@ -349,23 +350,23 @@ def test_streamed_write_recognises_its_own_earlier_commit(
             ),
             {"s": store_name, "k": KEY},
         ).scalar_one()
-    settings = files.FileSettings(
+    settings = codec.FileSettings(
         compress_threshold=0, inline_threshold=INLINE, shard_size=SHARD, stream_threshold=0
     )
 
-    def again(raw: bytes) -> files.WriteResult:
-        item = files.WriteItem(KEY, token, 1, files.EncodedFile.pending(len(raw)), [], True)
+    def again(raw: bytes) -> WriteResult:
+        item = files.WriteItem(KEY, token, 1, codec.EncodedFile.pending(len(raw)), [], True)
         with sql.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             return files.write_streamed(
                 conn, sessionstore_schema, store_name, store.holder, item, raw, settings
             )
 
-    assert again(orjson.dumps(doc)) == files.WriteResult(written={KEY})
-    assert again(orjson.dumps({"other": 1})) == files.WriteResult()
+    assert again(orjson.dumps(doc)) == WriteResult(written={KEY})
+    assert again(orjson.dumps({"other": 1})) == WriteResult()
     # Also once the lease has gone: what was committed stays counted as written.
     expire_lease(sql, sessionstore_schema, store_name)
-    assert again(orjson.dumps(doc)) == files.WriteResult(written={KEY})
-    assert again(orjson.dumps({"other": 1})) == files.WriteResult(lost={KEY})
+    assert again(orjson.dumps(doc)) == WriteResult(written={KEY})
+    assert again(orjson.dumps({"other": 1})) == WriteResult(lost={KEY})
     assert [r.version for r in version_rows(sql, sessionstore_schema, store_name, KEY)] == [1]
     check_stored(sql, sessionstore_schema, store_name, KEY, 1, orjson.dumps(doc), shard_size=SHARD)
 

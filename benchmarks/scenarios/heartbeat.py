@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from sessionstore import db, locks
+from sessionstore import db
+from sessionstore._storage import leases
 
 from ..context import Bench
 from ..results import Figure, Row, Target, compare
@@ -25,8 +26,8 @@ def run(bench: Bench) -> list[Row]:
 
             def renew() -> None:
                 # What the heartbeat sends: the (key, token) of every session it holds.
-                leases = [(s.key, s.token) for s in store._sessions.values()]
-                renewed = locks.renew(conn, bench.schema, store.name, store.holder, 3600.0, leases)
+                held = [(entry.key, token) for entry, token in store._core.table.leases()]
+                renewed = leases.renew(conn, bench.schema, store.name, store.holder, 3600.0, held)
                 renews[0] += 1
                 if len(renewed) != many:
                     raise AssertionError(f"renewed {len(renewed)} of {many} leases")
@@ -45,7 +46,7 @@ def run(bench: Bench) -> list[Row]:
                 baseline_name=f"(a) psycopg UPDATE locks SET expires_at = .. of the same {many:,} "
                 "rows (autocommit)",
                 target=Target("<=", 2.0, "≤ 2x"),
-                note="times sessionstore.locks.renew() (returns {key: token}) on an autocommit "
+                note="times sessionstore._storage.leases.renew() (returns {key: token}) on an autocommit "
                 "connection",
             )
             # Count the statements on the server: every renew is one autocommit

@@ -1,47 +1,36 @@
-"""Files: how a document's bytes are stored, written (fenced) and read back.
+"""Files: the versions and shards tables, and the fenced write.
 
-Owns the ``versions`` and ``shards`` tables. A save is a *file*: the
-document's JSON, zstd-compressed above a size threshold, with its raw size
-and a CRC-32 of the stored bytes, kept inline in the version row or split
-across shard rows when large. :func:`write_versions` is the fenced write of
-the package: a single statement that row-locks each key's lease row (in key
-order), checks holder, token and expiry on the database clock, and only then
-inserts the versions, their shards and, on a key's first save, its record.
-:func:`write_streamed` wraps it for one large document, whose shards follow
-in the same transaction as they are compressed. The newest version of a key
-is its current data.
+Owns the statements on ``versions``, ``shards`` and ``records``. A save is a
+*file* (see :mod:`.codec`) kept inline in the version row or split across
+shard rows. :func:`write_versions` is the fenced write of the package: a
+single statement that row-locks each key's lease row (in key order), checks
+holder, token and expiry on the database clock (:data:`.sql.LEASE_HELD`),
+and only then inserts the versions, their shards and, on a key's first save,
+its record. :func:`write_streamed` does the same for one large document,
+whose shards follow in the same transaction as they are compressed. The
+newest version of a key is its current data.
 """
 
 from __future__ import annotations
 
-import threading
 import zlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import orjson
 import psycopg
 import sqlalchemy as sa
-import zstandard
 
-from .db import driver_connection, driver_cursor
-from .errors import CorruptDataError
-from .frozen import decode
+from ..db import driver_connection, driver_cursor
+from .codec import CODEC_NAMES, EncodedFile, FileSettings, compress_stream, decode_file
+from .sql import LEASE_HELD, free_channel, one_lease
+from .types import Retention, StoredVersion, VersionInfo, WriteResult
 
 __all__ = [
-    "CODEC_RAW",
-    "CODEC_ZSTD",
-    "EncodedFile",
-    "FileSettings",
-    "Retention",
-    "StoredVersion",
-    "VersionInfo",
     "WriteItem",
-    "WriteResult",
-    "decode_file",
-    "encode_file",
+    "erase_key",
     "list_versions",
     "prune_versions",
     "read_version",
@@ -49,83 +38,10 @@ __all__ = [
     "write_versions",
 ]
 
-CODEC_RAW = 0
-CODEC_ZSTD = 1
-
-
-@dataclass(frozen=True)
-class FileSettings:
-    """Encoding knobs of a Store (see ``Store(...)`` for their meaning)."""
-
-    compression_level: int = 3
-    compress_threshold: int = 1024
-    inline_threshold: int = 256 * 1024
-    shard_size: int = 1024 * 1024
-    threaded_compression_threshold: int = 8 * 1024 * 1024
-    stream_threshold: int = 8 * 1024 * 1024
-
-    def streams(self, raw_size: int) -> bool:
-        """Is a document of ``raw_size`` bytes written by :func:`write_streamed`?"""
-        return raw_size >= self.stream_threshold and raw_size >= self.compress_threshold
-
-    def compressor(self, raw_size: int) -> zstandard.ZstdCompressor:
-        """This thread's compressor for a document of ``raw_size`` bytes.
-
-        Large documents use zstd's worker threads (C threads, one per core,
-        gone when the call returns): the output is the same single frame.
-        """
-        threads = -1 if raw_size >= self.threaded_compression_threshold else 0
-        return _compressor(self.compression_level, threads)
-
-
-@dataclass(frozen=True)
-class EncodedFile:
-    codec: int
-    raw_size: int
-    stored_size: int
-    checksum: int
-    inline: bytes | None
-    shards: list[memoryview]
-
-    @classmethod
-    def pending(cls, raw_size: int) -> EncodedFile:
-        """The file of a streamed write before it is made: zstd, sizes and checksum to come."""
-        return cls(CODEC_ZSTD, raw_size, 0, 0, None, [])
-
-
-@dataclass(frozen=True)
-class VersionInfo:
-    """One saved version of a key, as listed by ``Store.list_versions``."""
-
-    version: int
-    created_at: datetime
-    size: int
-    """Raw JSON size in bytes."""
-    stored_size: int
-    """Bytes on disk after compression."""
-    migrations: tuple[str, ...]
-    token: int
-    """Fencing token of the lease that wrote it."""
-    codec: str
-    shard_count: int
-
-
-@dataclass(frozen=True)
-class StoredVersion:
-    info: VersionInfo
-    raw: bytes
-    """The document's JSON bytes, checksum verified."""
-    context: str
-    """``store ... key ... version N``, for error messages."""
-
-    def decode(self) -> Any:
-        """The document as plain data; :class:`CorruptDataError` if the JSON does not parse."""
-        return decode(self.raw, self.context)
-
 
 @dataclass
 class WriteItem:
-    """One key's new version for :func:`write_versions`."""
+    """One key's new version as the write statement takes it: the file already encoded."""
 
     key: str
     token: int
@@ -133,91 +49,6 @@ class WriteItem:
     file: EncodedFile
     migrations: Sequence[str]
     new_record: bool
-
-
-@dataclass
-class WriteResult:
-    written: set[str] = field(default_factory=set)
-    """Keys whose version is now in the database."""
-    lost: set[str] = field(default_factory=set)
-    """Keys whose lease failed the fence: nothing was written for them."""
-
-
-_local = threading.local()
-
-
-def _compressor(level: int, threads: int) -> zstandard.ZstdCompressor:
-    cache: dict[tuple[int, int], zstandard.ZstdCompressor] | None = getattr(_local, "cctx", None)
-    if cache is None:
-        cache = _local.cctx = {}
-    cctx = cache.get((level, threads))
-    if cctx is None:
-        cctx = cache[(level, threads)] = zstandard.ZstdCompressor(level=level, threads=threads)
-    return cctx
-
-
-def _decompressor() -> zstandard.ZstdDecompressor:
-    dctx: zstandard.ZstdDecompressor | None = getattr(_local, "dctx", None)
-    if dctx is None:
-        dctx = _local.dctx = zstandard.ZstdDecompressor()
-    return dctx
-
-
-def encode_file(raw: bytes, settings: FileSettings) -> EncodedFile:
-    """Compress (when worth it), checksum and, if large, split a document's JSON bytes."""
-    if len(raw) >= settings.compress_threshold:
-        stored = settings.compressor(len(raw)).compress(raw)
-        codec = CODEC_ZSTD
-    else:
-        stored, codec = raw, CODEC_RAW
-    checksum = zlib.crc32(stored)
-    if len(stored) <= settings.inline_threshold:
-        return EncodedFile(codec, len(raw), len(stored), checksum, stored, [])
-    view = memoryview(stored)
-    size = settings.shard_size
-    # Views, not copies: psycopg sends a memoryview as bytea as it is.
-    shards = [view[start : start + size] for start in range(0, len(stored), size)]
-    return EncodedFile(codec, len(raw), len(stored), checksum, None, shards)
-
-
-def decode_file(
-    codec: int,
-    raw_size: int,
-    checksum: int,
-    shard_count: int,
-    inline: bytes | None,
-    shards: Sequence[bytes] | None,
-    context: str,
-) -> bytes:
-    """Reassemble, verify and decompress stored bytes; :class:`CorruptDataError` if damaged."""
-    if shard_count:
-        found = len(shards or ())
-        if found != shard_count:
-            raise CorruptDataError(
-                f"{context}: {shard_count - found} of {shard_count} shards missing"
-            )
-        stored = b"".join(shards or ())
-    elif inline is None:
-        raise CorruptDataError(f"{context}: version has neither inline bytes nor shards")
-    else:
-        stored = bytes(inline)
-    if zlib.crc32(stored) != checksum:
-        raise CorruptDataError(f"{context}: checksum mismatch")
-    if codec == CODEC_RAW:
-        raw = stored
-    elif codec == CODEC_ZSTD:
-        try:
-            raw = _decompressor().decompress(stored, max_output_size=raw_size)
-        except zstandard.ZstdError as exc:
-            raise CorruptDataError(f"{context}: zstd data does not decode: {exc}") from exc
-    else:
-        raise CorruptDataError(f"{context}: unknown codec {codec}")
-    if len(raw) != raw_size:
-        raise CorruptDataError(f"{context}: decoded {len(raw)} bytes, expected {raw_size}")
-    return raw
-
-
-_CODEC_NAMES = {CODEC_RAW: "raw", CODEC_ZSTD: "zstd"}
 
 
 def _info(row: Any) -> VersionInfo:
@@ -228,7 +59,7 @@ def _info(row: Any) -> VersionInfo:
         stored_size=row.stored_size,
         migrations=tuple(row.migrations),
         token=row.token,
-        codec=_CODEC_NAMES.get(row.codec, str(row.codec)),
+        codec=CODEC_NAMES.get(row.codec, str(row.codec)),
         shard_count=row.shard_count,
     )
 
@@ -238,6 +69,9 @@ class _Statements:
 
     def __init__(self, schema: str) -> None:
         s = f'"{schema}"'
+        fence = LEASE_HELD.format(
+            store="%(store)b", holder="%(holder)b", match=one_lease("%(key)b", "%(token)b")
+        )
         columns = (
             "v.version, v.created_at, v.codec, v.raw_size, v.stored_size, v.checksum, "
             "v.shard_count, v.migrations, v.token"
@@ -311,10 +145,7 @@ SELECT (SELECT ours FROM turn) AS ours, (SELECT max(key) FROM batch) AS last_key
         )
         self.finish_version = f"""
 WITH lease AS (
-    SELECT 1 FROM {s}.locks l
-    WHERE l.store = %(store)b AND l.key = %(key)b
-      AND l.holder = CAST(%(holder)b AS uuid) AND l.token = %(token)b
-      AND l.expires_at > clock_timestamp()
+    SELECT 1 FROM {s}.locks l WHERE {fence}
     FOR UPDATE
 )
 UPDATE {s}.versions v
@@ -326,16 +157,17 @@ RETURNING v.version
 """
         self.erase = sa.text(f"""
 WITH lease AS (
-    SELECT key FROM {s}.locks
-    WHERE store = :store AND key = :key AND holder = :holder AND token = :token
-      AND expires_at > clock_timestamp()
+    SELECT l.key FROM {s}.locks l
+    WHERE {LEASE_HELD.format(store=":store", holder=":holder", match=one_lease(":key", ":token"))}
     FOR UPDATE
 ), rec AS (
     DELETE FROM {s}.records WHERE store = :store AND key IN (SELECT key FROM lease)
 ), ver AS (
     DELETE FROM {s}.versions WHERE store = :store AND key IN (SELECT key FROM lease)
+), gone AS (
+    DELETE FROM {s}.locks WHERE store = :store AND key IN (SELECT key FROM lease) RETURNING key
 )
-DELETE FROM {s}.locks WHERE store = :store AND key IN (SELECT key FROM lease) RETURNING key
+SELECT key, pg_notify(:channel, key) FROM gone
 """)
 
 
@@ -410,8 +242,7 @@ WITH input AS (
     {source}
 ), lease AS (
     SELECT l.key FROM {s}.locks l
-    WHERE l.store = %(store)b AND l.holder = CAST(%(holder)b AS uuid) AND {match}
-      AND l.expires_at > clock_timestamp()
+    WHERE {LEASE_HELD.format(store="%(store)b", holder="%(holder)b", match=match)}
     ORDER BY l.key{" FOR UPDATE OF l" if lock else ""}
 ), go AS (
     SELECT i.* FROM input i JOIN lease USING (key)
@@ -532,22 +363,6 @@ def write_versions(
     return result
 
 
-def _compress_stream(raw: bytes, settings: FileSettings) -> Iterator[bytes]:
-    """The zstd frame of ``raw``, in the pieces :func:`write_streamed` sends.
-
-    The JSON goes to the compressor four shards' worth at a time: small
-    enough that the first shards leave early, large enough to keep zstd's
-    workers busy (4, 8 and 16 MiB measured the same). The output is the
-    same bytes every time for the same input and settings.
-    """
-    stream = settings.compressor(len(raw)).compressobj(size=len(raw))
-    feed = 4 * settings.shard_size
-    view = memoryview(raw)
-    for start in range(0, len(raw), feed):
-        yield stream.compress(view[start : start + feed])
-    yield stream.flush()
-
-
 def write_streamed(
     conn: sa.Connection,
     schema: str,
@@ -605,7 +420,7 @@ def write_streamed(
                     cursor.execute(sql.insert_shards, {**params, "first": sent, "data": shards})
                     sent += len(shards)
 
-                for output in _compress_stream(raw, settings):
+                for output in compress_stream(raw, settings):
                     held += output
                     # Sharded once it outgrows the inline threshold: whole shards leave now.
                     if sent or len(held) > settings.inline_threshold:
@@ -638,7 +453,7 @@ def write_streamed(
     found = _earlier_checksum(conn, schema, store, holder, item)
     if found is not None:
         checksum = 0
-        for output in _compress_stream(raw, settings):
+        for output in compress_stream(raw, settings):
             checksum = zlib.crc32(output, checksum)
         if checksum == found:
             return WriteResult(written={item.key})
@@ -710,15 +525,6 @@ def list_versions(
     return [_info(row) for row in conn.execute(stmt, params)]
 
 
-@dataclass(frozen=True)
-class Retention:
-    """Which versions the janitor keeps: the newest ``keep`` and all younger than ``age`` s."""
-
-    keep: int = 10
-    age: float = 24 * 3600.0
-    batch: int = 500
-
-
 def prune_versions(
     conn: sa.Connection, schema: str, store: str, after: str, retention: Retention
 ) -> tuple[bool, str | None, int]:
@@ -744,5 +550,11 @@ def erase_key(
     conn: sa.Connection, schema: str, store: str, key: str, holder: str, token: int
 ) -> bool:
     """Delete the key's record, versions, shards and lease in one statement, if the lease holds."""
-    params = {"store": store, "key": key, "holder": holder, "token": token}
+    params = {
+        "store": store,
+        "key": key,
+        "holder": holder,
+        "token": token,
+        "channel": free_channel(schema, store),
+    }
     return conn.execute(statements(schema).erase, params).first() is not None

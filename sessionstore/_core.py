@@ -1,0 +1,281 @@
+"""StoreCore: the parts of one open Store in one process, and their lifetime.
+
+Owns what a Store has while it is open in this process: its holder id, the
+repository (storage layer), the key registry, the rules every document
+obeys, the loader, the save path and the transactions, and the threads
+(scheduler, worker, callback lane, control connection). ``Store`` builds one
+at construction and, in a forked child, a fresh one on first use
+(docs/architecture.md, "Processes"); :meth:`close` ends it and
+:meth:`abandon` drops an inherited one without any I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from typing import TYPE_CHECKING
+
+import cachetools
+import sqlalchemy as sa
+
+from . import db
+from . import migrations as migrations_module
+from ._background import Autosave, HandOver, Heartbeat, Prune, Worker
+from ._leasing import Leases
+from ._loading import Loader
+from ._registry import KeyState, KeyTable
+from ._saving import Saver
+from ._storage import FileSettings, Repository, Retention
+from ._storage.leases import parse_handoff_request
+from ._storage.sql import free_channel, holder_channel
+from ._tx import Transactions
+from .control import ControlConnection, libpq_url
+from .errors import SessionStoreError, StorageUnavailableError, StoreCloseError
+from .frozen import JSON, decode, freeze_json
+from .retry import RetryPolicy
+from .sched import Scheduler
+from .schema import make_validator
+from .session import Change, Rules, Session, ViewCache
+
+if TYPE_CHECKING:
+    from .config import StoreConfig
+
+__all__ = ["StoreCore"]
+
+logger = logging.getLogger("sessionstore")
+
+
+class StoreCore:
+    """One Store's state and threads in this process (see the module docstring)."""
+
+    def __init__(self, config: StoreConfig, engine: sa.Engine) -> None:
+        self.config = config
+        self.name = config.name
+        self.holder = str(uuid.uuid4())
+        self.closing = False
+        self.liveness = bool(config.instant_takeover)
+        self.steps = migrations_module.check_steps(config.migrations)
+        self.rules = Rules(
+            config.name,
+            make_validator(config.schema),
+            config.max_document_size,
+            ViewCache(config.view_cache_size),
+        )
+        self.template = check_template(self.rules, config.template, config.name)
+        self.retention = Retention(
+            config.retain_versions, float(config.retain_for), config.save_batch_size
+        )
+        self.repo = Repository(
+            engine,
+            config.db_schema,
+            config.name,
+            self.holder,
+            retry=RetryPolicy(timeout=config.retry_timeout),
+            files_settings=FileSettings(
+                compression_level=config.compression_level,
+                compress_threshold=config.compress_threshold,
+                inline_threshold=config.inline_threshold,
+                shard_size=config.shard_size,
+                stream_threshold=config.stream_threshold,
+            ),
+            batch_size=config.save_batch_size,
+            log_extra=self.log_extra(),
+        )
+        self.table = KeyTable(self.describe)
+        self.peek_cache: cachetools.LRUCache[str, tuple[float, JSON]] = cachetools.LRUCache(
+            maxsize=max(1, config.peek_cache_size)
+        )
+        self.peek_lock = threading.Lock()
+        self.prune_after = ""
+        self.leases = Leases(self)
+        self.loader = Loader(self)
+        self.saver = Saver(self)
+        self.tx = Transactions(self)
+        self.worker = Worker(f"sessionstore-work-{config.name}")
+        self.lane = Worker(f"sessionstore-callbacks-{config.name}")
+        self.scheduler: Scheduler | None = None
+        self.control: ControlConnection | None = None
+
+    # -- opening and closing -----------------------------------------------------
+
+    @classmethod
+    def open(cls, config: StoreConfig, engine: sa.Engine) -> StoreCore:
+        """A core with its control connection ready and its timers running."""
+        core = cls(config, engine)
+        try:
+            core._start(engine)
+        except BaseException:
+            core.closing = True
+            core._stop_threads()
+            raise
+        return core
+
+    def _start(self, engine: sa.Engine) -> None:
+        config = self.config
+        url = engine.url if config.control_dsn is None else db.resolve_url(config.control_dsn)
+        self.control = ControlConnection(
+            libpq_url(url),
+            self.holder,
+            self.name,
+            {
+                free_channel(config.db_schema, config.name): self.on_key_free,
+                holder_channel(self.holder): self.on_handoff_request,
+            },
+            liveness=self.liveness,
+            log_extra=self.log_extra(),
+        )
+        if not self.control.wait_ready(max(config.retry_timeout, 5.0)):
+            raise StorageUnavailableError(
+                f"store {self.name!r}: control connection failed: {self.control.last_error}"
+            )
+        if self.liveness and not self.repo.holder_alive():
+            # e.g. a control_dsn on another server or through a pooler: others
+            # could never see us alive, so never offer instant takeover.
+            self.log(
+                logging.WARNING,
+                None,
+                "the control connection's advisory lock is not visible to other sessions; "
+                "instant takeover is off (leases are taken only when they expire)",
+            )
+            self.liveness = False
+        self.scheduler = Scheduler(f"sessionstore-sched-{self.name}")
+        self.scheduler.every(config.lock_refresh_interval, Heartbeat(self))
+        self.scheduler.every(config.autosave_interval, Autosave(self))
+        self.scheduler.every(config.janitor_interval, Prune(self))
+
+    def close(self) -> None:
+        """Cancel loads, stop the timers and the worker, unload every key, stop the rest.
+
+        Works from any thread, callbacks included: a thread of this core is
+        never joined by itself (the lane ends after the callback returns).
+        """
+        self.closing = True
+        entries = self.table.close_all()
+        if self.scheduler is not None:
+            self.scheduler.stop(timeout=30.0)
+        self.worker.stop(timeout=60.0)
+        deadline = time.monotonic() + self.config.retry_timeout + 5.0
+        for entry in entries:
+            if entry.state is KeyState.LOADING:
+                self.table.wait_settled(entry, max(0.0, deadline - time.monotonic()))
+        errors = self.saver.unload_all(entries)
+        self.table.clear()
+        self.lane.stop(timeout=30.0)
+        if self.control is not None:
+            self.control.stop()
+        self.log(logging.DEBUG, None, "store closed, %d keys failed to unload", len(errors))
+        if errors:
+            raise StoreCloseError(
+                f"store {self.name!r}: {len(errors)} keys could not be unloaded: "
+                + ", ".join(sorted(errors)[:10]),
+                errors,
+            )
+
+    def _stop_threads(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.stop(timeout=5.0)
+        self.worker.stop(timeout=5.0)
+        self.lane.stop(timeout=5.0)
+        if self.control is not None:
+            self.control.stop()
+
+    def abandon(self) -> None:
+        """In a forked child: forget this core (the parent's) without any I/O.
+
+        Its threads did not survive the fork; its keys, leases and sockets are
+        the parent's. Nothing is saved, released or closed: the objects are
+        dropped (psycopg does not close a connection inherited across a fork
+        when it is garbage-collected).
+        """
+        self.closing = True
+        self.table = KeyTable(self.describe)
+
+    # -- notifications (control thread: must return at once) ----------------------
+
+    def on_key_free(self, key: str) -> None:
+        """A key of this store was released or handed over: wake a loader waiting for it."""
+        entry = self.table.get(key)
+        if entry is not None and entry.state is KeyState.LOADING:
+            entry.wakeup.set()
+
+    def on_handoff_request(self, payload: str) -> None:
+        parsed = parse_handoff_request(payload)
+        if parsed is not None and not self.closing:
+            requester, key = parsed
+            self.worker.submit(HandOver(self, key, requester))
+
+    def release_quietly(self, leases: list[tuple[str, int]]) -> None:
+        """Release leases on a path that must not raise (they expire on their own)."""
+        try:
+            self.repo.release(leases)
+        except Exception as exc:
+            self.log(logging.WARNING, None, "releasing %d leases failed: %s", len(leases), exc)
+
+    # -- changed callbacks (the caller's thread: they may use the store) ---------
+
+    def announce(self, session: Session, change: Change | None) -> None:
+        """Fire changed callbacks for a committed change (frozen new and old data)."""
+        if change is None or not self.config.changed_callbacks:
+            return
+        new = session.data if session.encoded is change.new else freeze_json(decode(change.new))
+        self.fire_changed(session.key, new, freeze_json(decode(change.old)))
+
+    def fire_changed(self, key: str, new: JSON, old: JSON) -> None:
+        for callback in self.config.changed_callbacks:
+            try:
+                callback(key, new, old)
+            except Exception:
+                self.log(logging.ERROR, key, "changed callback %r raised", callback, exc_info=True)
+
+    # -- maintenance ----------------------------------------------------------------
+
+    def prune(self, time_budget: float = 1.0) -> int:
+        """Delete versions beyond the retention policy, a batch of keys at a time."""
+        deadline = time.monotonic() + time_budget
+        total = 0
+        while True:
+            ours, last_key, pruned = self.repo.prune(self.prune_after, self.retention)
+            total += pruned
+            if not ours:
+                return total
+            # Walk the keys round-robin: start over after the last batch.
+            self.prune_after = last_key or ""
+            if last_key is None or time.monotonic() > deadline:
+                if total:
+                    self.log(logging.INFO, None, "pruned %d old versions", total)
+                return total
+
+    # -- naming and logging ------------------------------------------------------------
+
+    def describe(self, key: str | None) -> str:
+        """``store 'x' key 'y'``, for messages."""
+        return f"store {self.name!r}" + (f" key {key!r}" if key else "")
+
+    def log(
+        self, level: int, key: str | None, message: str, *args: object, exc_info: bool = False
+    ) -> None:
+        """Log on ``sessionstore`` with ``store``, ``key`` and ``holder`` on the record."""
+        if logger.isEnabledFor(level):
+            logger.log(
+                level,
+                f"{self.describe(key)}: {message}",
+                *args,
+                exc_info=exc_info,
+                extra=self.log_extra(key),
+            )
+
+    def log_extra(self, key: str | None = None) -> dict[str, object]:
+        return {"store": self.name, "key": key, "holder": self.holder}
+
+    def __repr__(self) -> str:
+        return f"<StoreCore {self.name!r} holder={self.holder}>"
+
+
+def check_template(rules: Rules, template: JSON, name: str) -> bytes:
+    """The template's JSON bytes, checked against the schema once, at construction."""
+    try:
+        return rules.accept(template, "<template>")
+    except SessionStoreError as exc:
+        raise type(exc)(f"store {name!r}: template is invalid: {exc}") from exc

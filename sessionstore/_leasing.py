@@ -1,0 +1,85 @@
+"""Keeping leases: the heartbeat, and what happens when a lease is lost.
+
+Owns the renewal of every lease this Store holds or is taking (one
+statement per ``lock_refresh_interval``, rows locked by someone else skipped
+and retried alone, so such a row puts only its own key at risk) and the one
+way a key's session ends because its lease is gone: :meth:`Leases.lose`,
+which closes the registry entry and tells the application on the callback
+lane (``on_lock_lost``), never on the heartbeat's thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from ._background import NotifyLost
+from ._registry import KeyEntry, KeyState
+
+if TYPE_CHECKING:
+    from ._core import StoreCore
+
+__all__ = ["Leases"]
+
+
+class Leases:
+    """The heartbeat and lease loss of one Store core."""
+
+    def __init__(self, core: StoreCore) -> None:
+        self._core = core
+
+    def heartbeat(self) -> None:
+        """Renew every lease; close the sessions whose lease is gone (scheduler thread)."""
+        core = self._core
+        held = core.table.leases()
+        if not held:
+            return
+        config = core.config
+        started = time.monotonic()
+        try:
+            renewal = core.repo.renew(
+                [(entry.key, token) for entry, token in held],
+                config.lock_duration,
+                wait=config.lock_refresh_interval / 4,
+            )
+        except Exception as exc:
+            core.log(logging.WARNING, None, "heartbeat failed: %s", exc)
+            # Without a renewal we cannot know; past the lease length we can.
+            for entry, _ in held:
+                self._lose_if_overdue(entry, "lease expired while the database was unreachable")
+            return
+        for entry, token in held:
+            if entry.state is not KeyState.LIVE or entry.session is None:
+                continue  # loading (no session yet) or unloading (released on purpose)
+            if renewal.renewed.get(entry.key) == token:
+                entry.session.confirm_lease(started)
+            elif entry.key in renewal.busy:
+                core.log(logging.WARNING, entry.key, "lease row is locked by another session")
+                self._lose_if_overdue(entry, "lease could not be renewed (row locked)")
+            else:
+                self.lose(entry, "lease was not renewed (expired or taken over)")
+
+    def _lose_if_overdue(self, entry: KeyEntry, reason: str) -> None:
+        session = entry.session
+        if session is not None and session.lease_overdue(self._core.config.lock_duration):
+            self.lose(entry, reason)
+
+    def lose(self, entry: KeyEntry, reason: str) -> None:
+        """Close a session whose lease is gone; tell the application once, on the lane."""
+        core = self._core
+        if not core.table.close(entry, reason):
+            return
+        if entry.session is not None:
+            core.rules.views.forget(entry.session)
+        core.log(logging.WARNING, entry.key, "lease lost: %s", reason)
+        self.tell_lost(entry.key)
+
+    def tell_lost(self, key: str) -> None:
+        """``on_lock_lost(key)`` on the callback lane (run here if the lane has stopped)."""
+        core = self._core
+        if core.config.on_lock_lost is None:
+            return
+        task = NotifyLost(core, key)
+        if not core.lane.submit(task):
+            task()

@@ -1,0 +1,217 @@
+"""Loading a key: wait for its lease, read its file, bring its data forward.
+
+Owns Lyra's load steps as DESIGN §3 lists them: lease (waiting for a key
+held elsewhere: a live holder is asked to hand it over, a dead one is taken
+over once its advisory lock stayed gone for the whole ``takeover_grace``,
+an expired lease is simply taken), record and file (integrity checked), the
+legacy import or the template, pending migrations, the schema, and the new
+:class:`~sessionstore.session.Session`. The wait sleeps on the key's registry
+entry, so a NOTIFY that the key is free, or a cancellation, wakes it at once.
+The registry transitions of a load are made here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from . import migrations as migrations_module
+from ._registry import KeyEntry
+from ._storage import LeaseInfo, StoredVersion
+from .errors import LoadCancelledError, LoadInProgressError, LockUnavailableError
+from .frozen import JSON, thaw
+from .retry import AttemptWithBackoff, RetryPolicy
+from .session import Session
+
+if TYPE_CHECKING:
+    from ._core import StoreCore
+
+__all__ = ["Loader"]
+
+_ASK_EVERY = 1.0
+"""Seconds between handoff requests to the same live holder."""
+
+
+class Loader:
+    """The load path of one Store core."""
+
+    def __init__(self, core: StoreCore) -> None:
+        self._core = core
+
+    def load(self, key: str, *, explicit: bool, user: bool) -> KeyEntry:
+        """The key's LIVE entry: loaded now by this thread, or shared with another's load."""
+        core = self._core
+        entry, mine = core.table.begin_load(key, explicit=explicit, user=user)
+        if not mine:
+            return entry
+        try:
+            token, acquired_at = self._acquire(entry)
+        except BaseException as exc:
+            core.table.fail_load(entry, exc)
+            raise
+        try:
+            if not core.table.lease_taken(entry, token):
+                raise self._cancelled(entry)
+            session = self._read_session(entry, token, acquired_at)
+            if core.config.changed_callbacks:
+                # The callbacks get the data when the load is done: build its
+                # view now, so that JSON that does not parse fails the load.
+                session.data  # noqa: B018
+            if not core.table.finish_load(entry, session):
+                core.rules.views.forget(session)
+                raise self._cancelled(entry)
+        except BaseException as exc:
+            core.release_quietly([(key, token)])
+            core.table.fail_load(entry, exc)
+            raise
+        core.log(logging.DEBUG, key, "loaded with token %s at version %s", token, session.version)
+        if core.config.changed_callbacks:
+            core.fire_changed(key, session.data, None)
+        return entry
+
+    def lease_for(self, key: str) -> KeyEntry:
+        """A LOADING entry holding the key's lease, for work without a session (erase).
+
+        The caller ends it with ``table.fail_load(entry, None)``: loads that
+        waited for it then start afresh.
+        """
+        core = self._core
+        entry, mine = core.table.begin_load(key, explicit=False, user=False)
+        if not mine:
+            raise LoadInProgressError(f"{core.describe(key)} was loaded meanwhile")
+        try:
+            token, _ = self._acquire(entry)
+        except BaseException as exc:
+            core.table.fail_load(entry, exc)
+            raise
+        if not core.table.lease_taken(entry, token):
+            core.release_quietly([(key, token)])
+            error = self._cancelled(entry)
+            core.table.fail_load(entry, error)
+            raise error
+        return entry
+
+    def _cancelled(self, entry: KeyEntry) -> LoadCancelledError:
+        reason = entry.cancelled or "the store was closed"
+        return LoadCancelledError(f"{self._core.describe(entry.key)}: load cancelled ({reason})")
+
+    # -- the lease ------------------------------------------------------------------
+
+    def _acquire(self, entry: KeyEntry) -> tuple[int, float]:
+        """Wait for the key's lease; ``(token, monotonic time of the winning attempt)``."""
+        core, key, config = self._core, entry.key, self._core.config
+        backoff = AttemptWithBackoff(
+            RetryPolicy(timeout=config.lock_timeout, initial_delay=0.005, max_delay=0.25)
+        )
+        dead: LeaseInfo | None = None
+        seen_dead: dict[tuple[str, int], float] = {}
+        asked: dict[tuple[str, int], float] = {}
+        while True:
+            if entry.cancelled is not None:
+                raise self._cancelled(entry)
+            started = time.monotonic()
+            entry.wakeup.clear()
+            token = core.repo.acquire(key, config.lock_duration, liveness=core.liveness, dead=dead)
+            if token is not None:
+                if dead is not None:
+                    core.log(
+                        logging.INFO,
+                        key,
+                        "took over from dead holder %s (%s pid %s)",
+                        dead.holder,
+                        dead.host,
+                        dead.pid,
+                    )
+                return token, started
+            dead = None
+            holder = core.repo.lease_info(key)
+            now = time.monotonic()
+            if holder is not None and holder.active:
+                lease = (holder.holder, holder.token)
+                if holder.liveness and not holder.alive:
+                    # Dead only if its lock stayed gone for the whole grace.
+                    if now - seen_dead.setdefault(lease, now) >= config.takeover_grace:
+                        dead = holder
+                        continue
+                else:
+                    seen_dead.pop(lease, None)  # seen alive: the grace starts over
+                    if now - asked.get(lease, -1e9) >= _ASK_EVERY:
+                        asked[lease] = now
+                        core.repo.request_handoff(holder.holder, key)
+            delay = backoff.next_delay()
+            if delay is None:
+                where = (
+                    f" by {holder.host} pid {holder.pid} until {holder.expires_at}"
+                    if holder
+                    else ""
+                )
+                raise LockUnavailableError(
+                    f"{core.describe(key)} is held{where}; "
+                    f"gave up after lock_timeout={config.lock_timeout}s"
+                )
+            entry.wakeup.wait(delay)  # a NOTIFY that the key is free, or a cancel, wakes it
+
+    # -- the data -------------------------------------------------------------------
+
+    def _read_session(self, entry: KeyEntry, token: int, acquired_at: float) -> Session:
+        core, key = self._core, entry.key
+        stored = core.repo.read(key)
+        if stored is not None:
+            encoded, applied, dirty, _ = self.bring_forward(stored, key)
+            version = stored.info.version
+        else:
+            legacy = None
+            if core.config.import_legacy_data is not None:
+                legacy = core.config.import_legacy_data(key)
+            if legacy is not None:
+                data, applied = self.migrate(thaw(legacy), (), core.describe(key))
+                encoded = core.rules.accept(data, key)
+                version, dirty = 0, True
+            else:
+                encoded = core.template  # checked against the schema at construction
+                applied = tuple(step.name for step in core.steps)
+                version, dirty = 0, False
+        return Session(
+            core.rules,
+            entry,
+            key,
+            token,
+            encoded,
+            version,
+            applied,
+            dirty=dirty,
+            lease_confirmed_at=acquired_at,
+        )
+
+    def bring_forward(
+        self, stored: StoredVersion, key: str
+    ) -> tuple[bytes, tuple[str, ...], bool, JSON | None]:
+        """A stored version through pending migrations and the schema.
+
+        Returns ``(json bytes, applied migrations, migrated?, plain data or
+        None)``. The JSON is parsed only when a migration or the schema needs
+        the data (it is then returned, unless a migration changed it). A
+        stored file's integrity is verified by the read (shard count, CRC-32,
+        zstd frame, exact size) and its JSON round-tripped when this package
+        encoded it, so parsing it again here would only repeat, at several
+        times the cost of the whole load, what the first ``get`` does anyway.
+        """
+        core = self._core
+        applied = stored.info.migrations
+        steps = migrations_module.pending(core.steps, applied, stored.context)
+        if steps:
+            data, names = self.migrate(stored.decode(), applied, stored.context)
+            return core.rules.accept(data, key), names, True, None
+        if not core.rules.validates:
+            return stored.raw, tuple(applied), False, None
+        data = stored.decode()
+        core.rules.check(data, stored.raw, key)
+        return stored.raw, tuple(applied), False, data
+
+    def migrate(
+        self, data: JSON, applied: Sequence[str], context: str
+    ) -> tuple[JSON, tuple[str, ...]]:
+        migrated, names, _ = migrations_module.apply(self._core.steps, data, applied, context)
+        return migrated, tuple(names)

@@ -1,0 +1,277 @@
+"""The save path: every write of a key's data goes through :meth:`Saver.save_held`.
+
+Owns how in-memory changes become versions: each session gives its
+:class:`~sessionstore._storage.PendingWrite`, the repository writes them
+fenced (batched or streamed, it decides) and answers per key, and the
+outcome is applied here: saved, lease lost (the session closes), or failed
+(the key stays dirty; autosave tries again). Around it, the ways a key is
+written: ``save``, autosave, ``unload`` (a final save, then release), the
+last user's exit of ``session()``, a handoff (a final save, then the lease
+passes to the process that asked), and ``close``. Callers hold the keys'
+FIFO turns (several keys: in key order), so writes of one key never overlap.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from ._registry import KeyEntry, KeyState
+from .errors import LockLostError, SessionClosedError, SessionStoreError
+from .session import Session
+
+if TYPE_CHECKING:
+    from ._core import StoreCore
+
+__all__ = ["Saver", "turns"]
+
+
+@contextmanager
+def turns(sessions: Sequence[Session]) -> Iterator[None]:
+    """Hold the FIFO turns of ``sessions`` (already in key order)."""
+    taken = 0
+    try:
+        for session in sessions:
+            session.queue.acquire()
+            taken += 1
+        yield
+    finally:
+        for session in sessions[:taken]:
+            session.queue.release()
+
+
+class Saver:
+    """The save path of one Store core."""
+
+    def __init__(self, core: StoreCore) -> None:
+        self._core = core
+        self._autosave_running = threading.Lock()
+
+    # -- the one save path -------------------------------------------------------
+
+    def save_held(self, sessions: Sequence[Session], reason: str) -> dict[str, Exception]:
+        """Write the pending changes of ``sessions`` (turns held); errors by key.
+
+        ``reason`` says why (``save``, ``autosave``, ``unload``, ``close``,
+        ``handoff``), for the log and the hooks that will join here.
+        """
+        core = self._core
+        errors: dict[str, Exception] = {}
+        pending = []
+        for session in sessions:
+            if session.closed:
+                if not session.saved:  # closed (lease lost) with changes never written
+                    errors[session.key] = self.unsaved_error(session)
+                continue
+            write = session.pending_write()
+            if write is not None:
+                pending.append((session, write))
+        if not pending:
+            return errors
+        result = core.repo.write([write for _, write in pending], atomic=False)
+        for session, write in pending:
+            key = session.key
+            if key in result.written:
+                session.mark_saved(write)
+            elif key in result.lost:
+                core.leases.lose(session.entry, f"lease lost before {reason}")
+                errors[key] = LockLostError(
+                    f"{core.describe(key)}: lease lost; nothing was written", [key]
+                )
+            elif key in result.failed:
+                session.note_attempt(write.version)
+                errors[key] = result.failed[key]
+            else:  # pragma: no cover - would mean a version number clash
+                errors[key] = SessionStoreError(
+                    f"{core.describe(key)}: version {write.version} exists"
+                )
+        if result.failed:
+            core.log(
+                logging.ERROR,
+                None,
+                "%s of %d keys failed: %s",
+                reason,
+                len(result.failed),
+                next(iter(result.failed.values())),
+            )
+        return errors
+
+    def unsaved_error(self, session: Session) -> SessionClosedError:
+        return SessionClosedError(
+            f"{self._core.describe(session.key)}: session closed ({session.closed_reason}) "
+            "with changes that were never written"
+        )
+
+    # -- save and autosave ------------------------------------------------------------
+
+    def save(self, session: Session) -> None:
+        with session.queue.turn():
+            errors = self.save_held([session], "save")
+        if errors:
+            raise errors[session.key]
+
+    def autosave_running(self) -> bool:
+        return self._autosave_running.locked()
+
+    def autosave(self) -> None:
+        """Save every dirty key not busy with another write (worker thread)."""
+        with self._autosave_running:
+            dirty = [
+                e.session
+                for e in self._core.table.entries(KeyState.LIVE)
+                if e.session is not None and not e.session.saved
+            ]
+            # Skip keys busy with a save, unload or tx: they are being written anyway.
+            taken = [s for s in dirty if s.queue.try_acquire()]
+            try:
+                errors = self.save_held(taken, "autosave")
+            finally:
+                for session in taken:
+                    session.queue.release()
+            if taken:
+                self._core.log(
+                    logging.DEBUG, None, "autosaved %d keys, %d failed", len(taken), len(errors)
+                )
+
+    # -- unload ---------------------------------------------------------------------
+
+    def unload(
+        self,
+        entries: Sequence[KeyEntry],
+        *,
+        reason: str = "unload",
+        last_user: bool = False,
+        handoff_to: str | None = None,
+    ) -> dict[str, Exception]:
+        """Final save and release (or handover) of LIVE ``entries`` (key order); errors by key.
+
+        ``last_user``: only keys no ``session()`` block or ``load()`` holds any
+        more. A key whose final save failed stays LIVE with its data (the
+        caller may retry); one whose lease was lost is forgotten.
+        """
+        core = self._core
+        sessions = [e.session for e in entries if e.session is not None]
+        with turns(sessions):
+            started: list[Session] = []
+            for session in sessions:
+                with session.cond:
+                    if core.table.begin_unload(
+                        session.entry, only_unused=last_user, users_only=handoff_to is not None
+                    ):
+                        started.append(session)
+            errors = self.save_held(started, "handoff" if handoff_to else reason)
+            done = [s for s in started if s.key not in errors]
+            self._let_go(done, handoff_to)
+            for session in started:
+                self._finish_unload(session, errors.get(session.key), handoff_to is not None)
+        return errors
+
+    def _let_go(self, done: Sequence[Session], handoff_to: str | None) -> None:
+        core = self._core
+        if handoff_to is not None and len(done) == 1:
+            session = done[0]
+            reserve = min(core.config.lock_duration, max(1.0, 2 * core.config.takeover_grace))
+            try:
+                if core.repo.hand_over(session.key, session.token, handoff_to, reserve):
+                    return
+            except SessionStoreError as exc:
+                core.log(logging.WARNING, session.key, "handover failed, releasing: %s", exc)
+        core.release_quietly([(s.key, s.token) for s in done])
+
+    def _finish_unload(self, session: Session, error: Exception | None, tombstone: bool) -> None:
+        core, entry = self._core, session.entry
+        if error is not None and not isinstance(error, LockLostError | SessionClosedError):
+            core.table.end_unload(entry, done=False)  # still loaded, data kept
+            return
+        core.rules.views.forget(session)
+        if tombstone:  # later calls raise SessionClosedError until load() again
+            core.table.close(entry, "handed over to another process")
+            return
+        core.table.end_unload(entry, done=True)
+        core.table.forget(entry)
+
+    def unload_all(self, entries: Sequence[KeyEntry]) -> dict[str, Exception]:
+        """``close()``: every key, in batches; closed keys with unsaved changes reported."""
+        errors: dict[str, Exception] = {
+            e.key: self.unsaved_error(e.session)
+            for e in entries
+            if e.state is KeyState.CLOSED and e.session is not None and not e.session.saved
+        }
+        live = [e for e in entries if e.state is KeyState.LIVE]
+        step = self._core.config.save_batch_size * 4
+        for start in range(0, len(live), step):
+            errors.update(self.unload(live[start : start + step], reason="close"))
+        return errors
+
+    # -- handoff -----------------------------------------------------------------------
+
+    def may_hand_over(self, key: str) -> bool:
+        """Is ``key`` LIVE here with no ``session()`` block using it right now?"""
+        entry = self._core.table.get(key)
+        return entry is not None and entry.state is KeyState.LIVE and entry.users <= 0
+
+    def hand_over(self, key: str, requester: str) -> None:
+        """Final save, then the lease passes to ``requester`` (worker thread)."""
+        core = self._core
+        entry = core.table.get(key)
+        if entry is None or not self.may_hand_over(key):
+            return  # not ours, or in use: it is released when its last block exits
+        errors = self.unload([entry], handoff_to=requester)
+        if key in errors:
+            core.log(logging.WARNING, key, "handoff failed, keeping the key: %s", errors[key])
+            return
+        if entry.state is KeyState.CLOSED:
+            core.log(logging.INFO, key, "handed over to another process")
+            core.leases.tell_lost(key)
+
+    # -- erase -------------------------------------------------------------------------
+
+    def erase(self, key: str) -> None:
+        """Delete the key everywhere, under its lease (this store's, or taken for it)."""
+        core = self._core
+        entry = core.table.get(key)
+        if entry is not None and entry.state is KeyState.LOADING:
+            core.table.cancel(key, "erase() was called")
+            core.table.wait_settled(entry)
+            entry = core.table.get(key)
+        if entry is not None and entry.session is not None and entry.state is KeyState.LIVE:
+            self._erase_live(entry, entry.session)
+            return
+        if entry is not None and entry.state is KeyState.CLOSED:
+            core.table.forget(entry)
+        # Not held here: take its lease as a load would (concurrent loads wait).
+        entry = core.loader.lease_for(key)
+        try:
+            self._erase_with(key, entry.token)
+        except BaseException:
+            core.release_quietly([(key, entry.token or 0)])
+            raise
+        finally:
+            core.table.fail_load(entry, None)
+
+    def _erase_live(self, entry: KeyEntry, session: Session) -> None:
+        core = self._core
+        with session.queue.turn():
+            with session.cond:
+                if not core.table.begin_unload(entry):
+                    raise SessionClosedError(f"{core.describe(entry.key)}: session closed")
+            try:
+                self._erase_with(entry.key, session.token)
+            except LockLostError:
+                core.leases.lose(entry, "lease lost before erase")
+                core.table.forget(entry)
+                raise
+            except BaseException:
+                core.table.end_unload(entry, done=False)
+                raise
+            core.rules.views.forget(session)
+            core.table.end_unload(entry, done=True, reason="erased")
+
+    def _erase_with(self, key: str, token: int | None) -> None:
+        core = self._core
+        if token is None or not core.repo.erase(key, token):
+            raise LockLostError(f"{core.describe(key)}: lease lost; nothing was erased", [key])
+        core.log(logging.INFO, key, "erased")

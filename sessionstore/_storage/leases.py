@@ -1,0 +1,330 @@
+"""Leases: the lock rows that give one holder exclusive use of a key.
+
+Owns the ``locks`` table's statements. A lease row carries the holder id, a
+fencing token drawn from a global sequence (so it only ever grows, for every
+key, even across release and erase), and ``expires_at`` on the database
+clock (``clock_timestamp()``: ``now()`` is frozen at the start of a
+transaction). Rows are found by ``(store, key, token)``, never by a ctid that
+a concurrent renewal may have moved. Statements that lock several lease rows
+lock them in key order, so they can never deadlock each other; the renewal
+skips rows someone else has locked (an operator's ``SELECT ... FOR UPDATE``)
+so that such a row puts only its own key at risk. Releases and handovers
+announce the key on the store's free channel, which wakes waiting loaders.
+The fence itself is part of every write (:mod:`.files`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterable
+
+import sqlalchemy as sa
+
+from ..db import driver_connection, driver_cursor
+from .sql import ALIVE_SQL, free_channel, holder_channel
+from .types import LeaseInfo, Renewal
+
+__all__ = [
+    "HOST",
+    "LeaseStatements",
+    "acquire",
+    "hand_over",
+    "holder_alive",
+    "info",
+    "lease_statements",
+    "release",
+    "renew",
+    "request_handoff",
+]
+
+HOST = socket.gethostname()
+
+# Statements on many lease rows find them with one filtered scan that locks
+# them in key order, then change them by key (the primary key), re-checking
+# holder and token. No join: with stale statistics (a table that just grew by
+# thousands of leases) the planner estimates one row and turns a join into
+# nested loops, seconds for 10,000 leases (measured). The pairs are two = ANY
+# filters: tokens are unique across all leases, so matching keys and tokens
+# separately matches exactly the pairs.
+_MATCH = "key = ANY(CAST(%(keys)s AS text[])) AND token = ANY(CAST(%(tokens)s AS bigint[]))"
+
+
+class LeaseStatements:
+    """The lease SQL of one (validated) schema name."""
+
+    def __init__(self, schema: str) -> None:
+        s = f'"{schema}"'
+        # Take the row if it is free (no row), expired, already ours (a
+        # session we closed locally after losing track of it, or a key another
+        # holder handed over to us), or held by a holder the caller saw dead
+        # (advisory lock gone) for the whole grace and that is still dead now,
+        # at the same token. The new token fences whatever the previous owner
+        # still has in flight.
+        self.acquire = sa.text(f"""
+INSERT INTO {s}.locks AS l (store, key, holder, token, acquired_at, expires_at, host, pid,
+                            liveness)
+VALUES (:store, :key, :holder, nextval('{s}.lease_tokens'), clock_timestamp(),
+        clock_timestamp() + make_interval(secs => :duration), :host, :pid, :liveness)
+ON CONFLICT (store, key) DO UPDATE
+    SET holder = excluded.holder, token = excluded.token, acquired_at = excluded.acquired_at,
+        expires_at = excluded.expires_at, host = excluded.host, pid = excluded.pid,
+        liveness = excluded.liveness
+    WHERE l.expires_at <= clock_timestamp() OR l.holder = excluded.holder
+       OR (l.holder = CAST(:dead_holder AS uuid) AND l.token = :dead_token AND l.liveness
+           AND NOT {ALIVE_SQL.format(holder="l.holder")})
+RETURNING token
+""")
+        # Renew exactly the leases the holder still uses (a lease it no longer
+        # tracks, after a release that failed, is left to expire), skipping
+        # rows that someone else holds locked: waiting for one would stall the
+        # renewal of every other key.
+        mine = (
+            f"SELECT key FROM {s}.locks WHERE store = %(store)s AND holder = %(holder)s "
+            f"AND {_MATCH} AND expires_at > clock_timestamp() ORDER BY key"
+        )
+        self.renew = f"""
+WITH mine AS ({mine} FOR UPDATE SKIP LOCKED)
+UPDATE {s}.locks SET expires_at = clock_timestamp() + make_interval(secs => %(duration)s)
+WHERE store = %(store)s AND key = ANY(ARRAY(SELECT key FROM mine))
+  AND holder = %(holder)s AND token = ANY(CAST(%(tokens)s AS bigint[]))
+RETURNING key, token
+"""
+        # Which of the leases the renewal skipped are still ours and unexpired
+        # (a plain read never waits for a row lock).
+        self.still_ours = mine
+        # One skipped row, waiting for its lock (bounded by a local lock_timeout).
+        self.renew_one = (
+            f"UPDATE {s}.locks SET expires_at = clock_timestamp() "
+            "+ make_interval(secs => %(duration)s) "
+            "WHERE store = %(store)s AND key = %(key)s AND holder = %(holder)s "
+            "AND token = %(token)s AND expires_at > clock_timestamp() RETURNING key"
+        )
+        # Release by key and token, re-checked on the row version current when
+        # its lock is granted: a renewal that just moved the row cannot make
+        # the release miss it. Each released key is announced to waiters.
+        self.release = f"""
+WITH mine AS (
+    SELECT key FROM {s}.locks WHERE store = %(store)s AND holder = %(holder)s AND {_MATCH}
+    ORDER BY key FOR UPDATE
+), gone AS (
+    DELETE FROM {s}.locks
+    WHERE store = %(store)s AND key = ANY(ARRAY(SELECT key FROM mine))
+      AND holder = %(holder)s AND token = ANY(CAST(%(tokens)s AS bigint[]))
+    RETURNING key
+)
+SELECT pg_notify(%(channel)s, key) FROM gone
+"""
+        # A handoff: the lease passes to the holder that asked for it (with a
+        # new token and a short expiry, until that holder takes it properly),
+        # so the process that handed it over cannot take it straight back.
+        self.hand_over = f"""
+WITH moved AS (
+    UPDATE {s}.locks
+    SET holder = CAST(%(to)s AS uuid), token = nextval('{s}.lease_tokens'),
+        expires_at = clock_timestamp() + make_interval(secs => %(reserve)s),
+        acquired_at = clock_timestamp(), host = '', pid = 0, liveness = true
+    WHERE store = %(store)s AND key = %(key)s AND holder = %(holder)s AND token = %(token)s
+    RETURNING key
+)
+SELECT pg_notify(%(channel)s, key) FROM moved
+"""
+        self.info = sa.text(
+            "SELECT holder, token, expires_at, expires_at > clock_timestamp() AS active, "
+            f"host, pid, liveness, {ALIVE_SQL.format(holder='holder')} AS alive "
+            f"FROM {s}.locks WHERE store = :store AND key = :key"
+        )
+
+
+_cache: dict[str, LeaseStatements] = {}
+
+
+def lease_statements(schema: str) -> LeaseStatements:
+    found = _cache.get(schema)
+    if found is None:
+        found = _cache[schema] = LeaseStatements(schema)
+    return found
+
+
+def acquire(
+    conn: sa.Connection,
+    schema: str,
+    store: str,
+    key: str,
+    holder: str,
+    duration: float,
+    *,
+    liveness: bool,
+    dead: LeaseInfo | None = None,
+) -> int | None:
+    """Take the key's lease if free, expired, ours, or held by ``dead`` (still dead)."""
+    params = {
+        "store": store,
+        "key": key,
+        "holder": holder,
+        "duration": duration,
+        "host": HOST,
+        "pid": os.getpid(),
+        "liveness": liveness,
+        "dead_holder": dead.holder if dead is not None else None,
+        "dead_token": dead.token if dead is not None else None,
+    }
+    token: int | None = conn.execute(lease_statements(schema).acquire, params).scalar()
+    return token
+
+
+def _pairs(store: str, holder: str, leases: Iterable[tuple[str, int]]) -> dict[str, object]:
+    pairs = sorted(leases)
+    return {
+        "store": store,
+        "holder": holder,
+        "keys": [key for key, _ in pairs],
+        "tokens": [token for _, token in pairs],
+    }
+
+
+def renew(
+    conn: sa.Connection,
+    schema: str,
+    store: str,
+    holder: str,
+    duration: float,
+    leases: Iterable[tuple[str, int]],
+) -> dict[str, int]:
+    """Extend the given live ``(key, token)`` leases of ``holder`` in one statement.
+
+    Returns what was renewed, ``{key: token}``. A lease missing from it has
+    expired, was taken over, or is row-locked by someone else right now
+    (:func:`renew_all` tells those apart).
+    """
+    params = {**_pairs(store, holder, leases), "duration": duration}
+    with driver_cursor(conn) as cursor:
+        rows = cursor.execute(lease_statements(schema).renew, params, prepare=False).fetchall()
+    return {row.key: row.token for row in rows}
+
+
+def renew_all(
+    conn: sa.Connection,
+    schema: str,
+    store: str,
+    holder: str,
+    duration: float,
+    leases: Iterable[tuple[str, int]],
+    *,
+    wait: float,
+) -> Renewal:
+    """The heartbeat: renew in one statement, then the rows it had to skip one by one.
+
+    A skipped row that is still ours is renewed alone, waiting at most
+    ``wait`` seconds for its lock (a ``SET LOCAL lock_timeout``: nothing is
+    left on the connection). One that stays locked is reported ``busy``: at
+    risk, but not lost.
+    """
+    wanted = dict(leases)
+    renewed = renew(conn, schema, store, holder, duration, wanted.items())
+    missing = [(key, token) for key, token in wanted.items() if renewed.get(key) != token]
+    if not missing:
+        return Renewal(renewed, frozenset())
+    sql = lease_statements(schema)
+    with driver_cursor(conn) as cursor:
+        ours = cursor.execute(
+            sql.still_ours, _pairs(store, holder, missing), prepare=False
+        ).fetchall()
+    busy: set[str] = set()
+    driver = driver_connection(conn)
+    for row in ours:
+        params = {
+            "store": store,
+            "holder": holder,
+            "key": row.key,
+            "token": wanted[row.key],
+            "duration": duration,
+        }
+        try:
+            with driver.transaction(), driver.cursor() as cursor:
+                timeout = f"{max(1, int(wait * 1000))}ms"
+                cursor.execute("SELECT set_config('lock_timeout', %s, true)", (timeout,))
+                if cursor.execute(sql.renew_one, params).fetchone() is not None:
+                    renewed[row.key] = wanted[row.key]
+                    continue
+        except Exception as exc:
+            if getattr(exc, "sqlstate", None) != "55P03":  # lock_not_available
+                raise
+        busy.add(row.key)
+    return Renewal(renewed, frozenset(busy))
+
+
+def release(
+    conn: sa.Connection, schema: str, store: str, holder: str, leases: Iterable[tuple[str, int]]
+) -> None:
+    """Drop the given ``(key, token)`` leases of ``holder`` (ones already lost are skipped)."""
+    params = _pairs(store, holder, leases)
+    if not params["keys"]:
+        return
+    params["channel"] = free_channel(schema, store)
+    with driver_cursor(conn) as cursor:
+        cursor.execute(lease_statements(schema).release, params, prepare=False)
+
+
+def hand_over(
+    conn: sa.Connection,
+    schema: str,
+    store: str,
+    holder: str,
+    key: str,
+    token: int,
+    to: str,
+    reserve: float,
+) -> bool:
+    """Pass ``key``'s lease to holder ``to`` (it takes it within ``reserve`` s); done?"""
+    params = {
+        "store": store,
+        "holder": holder,
+        "key": key,
+        "token": token,
+        "to": to,
+        "reserve": reserve,
+        "channel": free_channel(schema, store),
+    }
+    with driver_cursor(conn) as cursor:
+        return cursor.execute(lease_statements(schema).hand_over, params).fetchone() is not None
+
+
+def info(conn: sa.Connection, schema: str, store: str, key: str) -> LeaseInfo | None:
+    """The key's lease row, live or expired, or None if nobody holds it."""
+    row = conn.execute(lease_statements(schema).info, {"store": store, "key": key}).first()
+    if row is None:
+        return None
+    return LeaseInfo(
+        str(row.holder),
+        row.token,
+        row.expires_at,
+        row.active,
+        row.host,
+        row.pid,
+        row.liveness,
+        row.alive,
+    )
+
+
+def holder_alive(conn: sa.Connection, holder: str) -> bool:
+    """Does ``holder`` hold its advisory lock, as other connections see it?"""
+    return bool(conn.execute(_ALIVE, {"holder": holder}).scalar())
+
+
+def request_handoff(conn: sa.Connection, holder: str, key: str, requester: str) -> None:
+    """Ask a live holder to hand ``key`` over to ``requester`` (it may refuse)."""
+    params = {"channel": holder_channel(holder), "payload": f"{requester} {key}"}
+    conn.execute(_NOTIFY, params)
+
+
+def parse_handoff_request(payload: str) -> tuple[str, str] | None:
+    """``(requester holder, key)`` from a handoff request's payload, or None if malformed."""
+    requester, _, key = payload.partition(" ")
+    if len(requester) != 36 or not key:
+        return None
+    return requester, key
+
+
+_NOTIFY = sa.text("SELECT pg_notify(:channel, :payload)")
+_ALIVE = sa.text("SELECT " + ALIVE_SQL.format(holder="CAST(:holder AS uuid)"))
