@@ -155,9 +155,9 @@ def test_check_positive_int_and_bool() -> None:
         with pytest.raises(error, match="n"):
             _args.check_positive_int(bad, "n", maximum=10)
     assert _args.check_bool(False, "flag") is False
-    for bad in (0, 1, "true", None):
+    for not_bool in (0, 1, "true", None):
         with pytest.raises(TYPE, match="flag"):
-            _args.check_bool(bad, "flag")
+            _args.check_bool(not_bool, "flag")
 
 
 # -- Store calls: bad arguments change nothing ----------------------------------------------
@@ -182,7 +182,8 @@ def assert_unchanged(store: ss.Store) -> None:
 
 NAIVE = datetime(2024, 1, 1)
 
-BAD_CALLS: dict[str, tuple[Callable[[ss.Store], Any], type[Exception]]] = {
+# The store is typed Any: these calls pass wrong types on purpose.
+BAD_CALLS: dict[str, tuple[Callable[[Any], Any], type[Exception]]] = {
     "list_versions limit=2**70": (lambda s: s.list_versions("k", limit=2**70), VALUE),
     "list_versions limit=2**63": (lambda s: s.list_versions("k", limit=2**63), VALUE),
     "list_versions limit=True": (lambda s: s.list_versions("k", limit=True), TYPE),
@@ -311,6 +312,17 @@ def test_bad_store_options_are_refused_before_any_io(
         ss.Store(**{"name": "x", "template": {}, "dsn": UNREACHABLE, **options})
     assert_input_error(info.value, error)
     assert time.monotonic() - started < 1.0  # no connection was even tried
+
+
+def test_zero_cache_sizes_mean_no_cache(make_store: Callable[..., ss.Store]) -> None:
+    writer = make_store(view_cache_size=0)
+    reader = make_store(peek_cache_size=0, view_cache_size=0)
+    writer.load("k")
+    for coins in (1, 2):
+        assert writer.update("k", lambda d, c=coins: d.__setitem__("coins", c) or True)
+        assert writer.get("k")["coins"] == coins
+        writer.save("k")
+        assert reader.peek("k", max_age=60) == {"coins": coins, "inventory": []}  # not cached
 
 
 # -- frozen data: depth and cycles, directly -------------------------------------------------
@@ -447,6 +459,15 @@ def test_store_with_dsn_options(make_store: Callable[..., ss.Store], sessionstor
     assert other.peek("k") == {"coins": 7, "inventory": []}
     store.unload("k")
     assert not other.probe_lock_active("k")
+
+
+def test_store_with_a_sqlalchemy_url(
+    make_store: Callable[..., ss.Store], sessionstore_dsn: str
+) -> None:
+    store = make_store(dsn=sa.make_url(with_options(sessionstore_dsn)))
+    store.load("k")
+    store.save("k")
+    assert store.probe_lock_active("k")
 
 
 @pytest.mark.parametrize(

@@ -10,10 +10,12 @@ in a forked child (see docs/architecture.md, "Processes").
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 import zlib
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import zstandard
@@ -51,14 +53,18 @@ class FileSettings:
         """Is a document of ``raw_size`` bytes written by the streamed write?"""
         return raw_size >= self.stream_threshold and raw_size >= self.compress_threshold
 
-    def compressor(self, raw_size: int) -> zstandard.ZstdCompressor:
-        """This thread's compressor for a document of ``raw_size`` bytes.
+    def compressor(self, raw_size: int) -> AbstractContextManager[zstandard.ZstdCompressor]:
+        """A compressor for a document of ``raw_size`` bytes, for the ``with`` block.
 
-        Large documents use zstd's worker threads (C threads, one per core,
-        gone when the call returns): the output is the same single frame.
+        Small documents use this thread's cached single-threaded context.
+        Large ones get a context of their own with zstd's worker threads (C
+        threads, one per core): not cached, since a context whose threads did
+        not survive a fork hangs when it is freed (see :func:`_after_fork`).
+        The output is the same single frame either way.
         """
-        threads = -1 if raw_size >= self.threaded_compression_threshold else 0
-        return _compressor(self.compression_level, threads)
+        if raw_size >= self.threaded_compression_threshold:
+            return _threaded(self.compression_level)
+        return nullcontext(_compressor(self.compression_level))
 
 
 @dataclass(frozen=True)
@@ -79,24 +85,48 @@ class EncodedFile:
 
 
 _local = threading.local()
+_threaded_lock = threading.Lock()
+_threaded_in_use: set[zstandard.ZstdCompressor] = set()
 
 
-def _drop_contexts() -> None:
-    """In a forked child: forget the parent's zstd contexts (their worker threads are gone)."""
-    global _local
+@contextmanager
+def _threaded(level: int) -> Iterator[zstandard.ZstdCompressor]:
+    cctx = zstandard.ZstdCompressor(level=level, threads=-1)
+    with _threaded_lock:
+        _threaded_in_use.add(cctx)
+    try:
+        yield cctx
+    finally:
+        with _threaded_lock:
+            _threaded_in_use.discard(cctx)
+
+
+def _after_fork() -> None:
+    """In a forked child: forget the parent's zstd contexts, never free a threaded one.
+
+    A multi-threaded context in use by another thread at the fork has worker
+    threads that do not exist in the child: freeing it would wait for them
+    forever. Those few are kept alive for the child's lifetime; the cached
+    single-threaded ones are simply dropped.
+    """
+    global _local, _threaded_lock, _threaded_in_use
+    for cctx in _threaded_in_use:
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(cctx))
+    _threaded_in_use = set()
+    _threaded_lock = threading.Lock()
     _local = threading.local()
 
 
-os.register_at_fork(after_in_child=_drop_contexts)
+os.register_at_fork(after_in_child=_after_fork)
 
 
-def _compressor(level: int, threads: int) -> zstandard.ZstdCompressor:
-    cache: dict[tuple[int, int], zstandard.ZstdCompressor] | None = getattr(_local, "cctx", None)
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    cache: dict[int, zstandard.ZstdCompressor] | None = getattr(_local, "cctx", None)
     if cache is None:
         cache = _local.cctx = {}
-    cctx = cache.get((level, threads))
+    cctx = cache.get(level)
     if cctx is None:
-        cctx = cache[(level, threads)] = zstandard.ZstdCompressor(level=level, threads=threads)
+        cctx = cache[level] = zstandard.ZstdCompressor(level=level)
     return cctx
 
 
@@ -110,7 +140,8 @@ def _decompressor() -> zstandard.ZstdDecompressor:
 def encode_file(raw: bytes, settings: FileSettings) -> EncodedFile:
     """Compress (when worth it), checksum and, if large, split a document's JSON bytes."""
     if len(raw) >= settings.compress_threshold:
-        stored = settings.compressor(len(raw)).compress(raw)
+        with settings.compressor(len(raw)) as cctx:
+            stored = cctx.compress(raw)
         codec = CODEC_ZSTD
     else:
         stored, codec = raw, CODEC_RAW
@@ -132,12 +163,13 @@ def compress_stream(raw: bytes, settings: FileSettings) -> Iterator[bytes]:
     workers busy (4, 8 and 16 MiB measured the same). The output is the
     same bytes every time for the same input and settings.
     """
-    stream = settings.compressor(len(raw)).compressobj(size=len(raw))
-    feed = 4 * settings.shard_size
-    view = memoryview(raw)
-    for start in range(0, len(raw), feed):
-        yield stream.compress(view[start : start + feed])
-    yield stream.flush()
+    with settings.compressor(len(raw)) as cctx:
+        stream = cctx.compressobj(size=len(raw))
+        feed = 4 * settings.shard_size
+        view = memoryview(raw)
+        for start in range(0, len(raw), feed):
+            yield stream.compress(view[start : start + feed])
+        yield stream.flush()
 
 
 def decode_file(
