@@ -34,7 +34,7 @@ from ._tx import Transactions
 from .control import ControlConnection, libpq_url
 from .errors import SessionStoreError, StorageUnavailableError, StoreCloseError
 from .frozen import JSON, decode, freeze_json
-from .retry import RetryPolicy
+from .retry import RetryPolicy, describe
 from .sched import Scheduler
 from .schema import make_validator
 from .session import Change, Rules, Session, ViewCache
@@ -84,8 +84,8 @@ class StoreCore:
             log_extra=self.log_extra(),
         )
         self.table = KeyTable(self.describe)
-        self.peek_cache: cachetools.LRUCache[str, tuple[float, JSON]] = cachetools.LRUCache(
-            maxsize=max(1, config.peek_cache_size)
+        self.peek_cache: cachetools.LRUCache[str, tuple[float, JSON]] | None = (
+            cachetools.LRUCache(maxsize=config.peek_cache_size) if config.peek_cache_size else None
         )
         self.peek_lock = threading.Lock()
         self.prune_after = ""
@@ -127,9 +127,10 @@ class StoreCore:
             log_extra=self.log_extra(),
         )
         if not self.control.wait_ready(max(config.retry_timeout, 5.0)):
-            raise StorageUnavailableError(
-                f"store {self.name!r}: control connection failed: {self.control.last_error}"
-            )
+            error = self.control.last_error
+            password = sa.make_url(engine.url).password if config.control_dsn is None else None
+            why = describe(error, [str(password)] if password else []) if error else "timed out"
+            raise StorageUnavailableError(f"store {self.name!r}: control connection failed: {why}")
         if self.liveness and not self.repo.holder_alive():
             # e.g. a control_dsn on another server or through a pooler: others
             # could never see us alive, so never offer instant takeover.

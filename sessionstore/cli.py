@@ -73,7 +73,9 @@ def _db(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
-    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from sessionstore.errors import SessionStoreError
 
     args = _parser().parse_args(list(argv) if argv is not None else None)
     try:
@@ -82,10 +84,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sessionstore import demo
 
         return demo.main(args.dsn)
-    except (ValueError, ImportError, OperationalError) as exc:
-        # Bad DSN, embedded server not installed, database unreachable: no traceback.
+    except (ValueError, TypeError, ImportError) as exc:
+        # Bad DSN, bad argument, embedded server not installed: bad usage, no traceback.
         print(f"sessionstore: error: {exc}", file=sys.stderr)
         return 2
+    except (SessionStoreError, SQLAlchemyError) as exc:
+        # The database is unreachable or refused: the operation failed, no traceback.
+        print(f"sessionstore: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ else:  # pragma: no cover
     from exceptiongroup import ExceptionGroup
 
 __all__ = [
-    "CorruptDataError",
     "ArgumentTypeError",
+    "CorruptDataError",
     "InvalidArgumentError",
     "InvalidDataError",
     "InvalidKeyError",

@@ -19,8 +19,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import datetime
 from dataclasses import MISSING
+from datetime import datetime
 from types import SimpleNamespace, TracebackType
 from typing import Any
 
@@ -402,9 +402,10 @@ class Store:
         core = self._open_core()
         check_key(key)
         _args.check_seconds(max_age, "max_age", allow_none=True)
-        if max_age is not None:
+        cache = core.peek_cache
+        if max_age is not None and cache is not None:
             with core.peek_lock:
-                cached = core.peek_cache.get(key)
+                cached = cache.get(key)
             if cached is not None and time.monotonic() - cached[0] <= max_age:
                 return cached[1]
         read_at = time.monotonic()
@@ -413,8 +414,9 @@ class Store:
         if stored is not None:
             encoded, _, _, plain = core.loader.bring_forward(stored, key)
             data = freeze_json(decode(encoded, stored.context) if plain is None else plain)
-        with core.peek_lock:
-            core.peek_cache[key] = (read_at, data)
+        if cache is not None:
+            with core.peek_lock:
+                cache[key] = (read_at, data)
         return data
 
     def probe_lock_active(self, key: str) -> bool:

@@ -14,9 +14,8 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
-
 from conftest import in_thread
+from sqlalchemy.engine import make_url
 
 import sessionstore as ss
 

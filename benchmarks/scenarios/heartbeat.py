@@ -46,8 +46,8 @@ def run(bench: Bench) -> list[Row]:
                 baseline_name=f"(a) psycopg UPDATE locks SET expires_at = .. of the same {many:,} "
                 "rows (autocommit)",
                 target=Target("<=", 2.0, "≤ 2x"),
-                note="times sessionstore._storage.leases.renew() (returns {key: token}) on an autocommit "
-                "connection",
+                note="times sessionstore._storage.leases.renew() (returns {key: token}) "
+                "on an autocommit connection",
             )
             # Count the statements on the server: every renew is one autocommit
             # write, which takes exactly one transaction id; nothing else writes
