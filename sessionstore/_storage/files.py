@@ -69,9 +69,11 @@ class _Statements:
 
     def __init__(self, schema: str) -> None:
         s = f'"{schema}"'
-        fence = LEASE_HELD.format(
-            store="%(store)b", holder="%(holder)b", match=one_lease("%(key)b", "%(token)b")
-        )
+        self._reads(s)
+        self._maintenance(s)
+        self._streamed(s)
+
+    def _reads(self, s: str) -> None:
         columns = (
             "v.version, v.created_at, v.codec, v.raw_size, v.stored_size, v.checksum, "
             "v.shard_count, v.migrations, v.token"
@@ -102,6 +104,8 @@ class _Statements:
         self.list_asc = sa.text(
             f"SELECT {columns} FROM {s}.versions v {where} ORDER BY v.version ASC LIMIT :limit"
         )
+
+    def _maintenance(self, s: str) -> None:
         # Prune one batch of keys (those after :after, in key order): versions
         # older than the newest :keep and older than :age seconds go, with
         # their shards (ON DELETE CASCADE). The transaction-level advisory lock
@@ -129,6 +133,25 @@ WITH turn AS (
 SELECT (SELECT ours FROM turn) AS ours, (SELECT max(key) FROM batch) AS last_key,
        (SELECT count(*) FROM pruned) AS pruned
 """)
+        self.erase = sa.text(f"""
+WITH lease AS (
+    SELECT l.key FROM {s}.locks l
+    WHERE {LEASE_HELD.format(store=":store", holder=":holder", match=one_lease(":key", ":token"))}
+    FOR UPDATE
+), rec AS (
+    DELETE FROM {s}.records WHERE store = :store AND key IN (SELECT key FROM lease)
+), ver AS (
+    DELETE FROM {s}.versions WHERE store = :store AND key IN (SELECT key FROM lease)
+), gone AS (
+    DELETE FROM {s}.locks WHERE store = :store AND key IN (SELECT key FROM lease) RETURNING key
+)
+SELECT key, pg_notify(:channel, key) FROM gone
+""")
+
+    def _streamed(self, s: str) -> None:
+        fence = LEASE_HELD.format(
+            store="%(store)b", holder="%(holder)b", match=one_lease("%(key)b", "%(token)b")
+        )
         self.earlier = sa.text(
             f"SELECT checksum FROM {s}.versions WHERE store = :store AND key = :key "
             "AND version = :version AND holder = :holder AND token = :token "
@@ -155,20 +178,6 @@ WHERE v.store = %(store)b AND v.key = %(key)b AND v.version = %(version)b
   AND EXISTS (SELECT 1 FROM lease)
 RETURNING v.version
 """
-        self.erase = sa.text(f"""
-WITH lease AS (
-    SELECT l.key FROM {s}.locks l
-    WHERE {LEASE_HELD.format(store=":store", holder=":holder", match=one_lease(":key", ":token"))}
-    FOR UPDATE
-), rec AS (
-    DELETE FROM {s}.records WHERE store = :store AND key IN (SELECT key FROM lease)
-), ver AS (
-    DELETE FROM {s}.versions WHERE store = :store AND key IN (SELECT key FROM lease)
-), gone AS (
-    DELETE FROM {s}.locks WHERE store = :store AND key IN (SELECT key FROM lease) RETURNING key
-)
-SELECT key, pg_notify(:channel, key) FROM gone
-""")
 
 
 _INPUT_COLUMNS = (
@@ -278,6 +287,49 @@ def statements(schema: str) -> _Statements:
     return found
 
 
+def _write_params(
+    store: str, holder: str, items: Sequence[WriteItem], *, atomic: bool, rows: int
+) -> dict[str, Any]:
+    """The write statement's parameters: one set per row (VALUES form) or arrays."""
+    columns = [
+        (
+            item.key,
+            item.token,
+            item.version,
+            item.file.codec,
+            item.file.raw_size,
+            item.file.stored_size,
+            item.file.checksum,
+            len(item.file.shards),
+            item.file.inline,
+            orjson.dumps(list(item.migrations)).decode(),
+            item.new_record,
+        )
+        for item in items
+    ]
+    params: dict[str, Any] = {"store": store, "holder": holder, "atomic": atomic}
+    for position, (name, _) in enumerate(_INPUT_COLUMNS):
+        if rows:
+            for row, values in enumerate(columns):
+                params[f"{name}_{row}"] = values[position]
+        else:
+            params[name + "s"] = [values[position] for values in columns]
+    shards = [
+        (item.key, item.version, index, chunk)
+        for item in items
+        for index, chunk in enumerate(item.file.shards)
+    ]
+    if shards:
+        keys, versions, indexes, data = zip(*shards, strict=True)
+        params.update(
+            shard_keys=list(keys),
+            shard_versions=list(versions),
+            shard_idx=list(indexes),
+            shard_data=list(data),
+        )
+    return params
+
+
 def write_versions(
     conn: sa.Connection,
     schema: str,
@@ -300,52 +352,13 @@ def write_versions(
     lease rows are checked but not locked, and only versions inserted now
     count as written (the caller checks for an earlier attempt itself).
     """
-    shard_keys: list[str] = []
-    shard_versions: list[int] = []
-    shard_idx: list[int] = []
-    shard_data: list[memoryview] = []
-    for item in items:
-        for index, chunk in enumerate(item.file.shards):
-            shard_keys.append(item.key)
-            shard_versions.append(item.version)
-            shard_idx.append(index)
-            shard_data.append(chunk)
-    columns = [
-        (
-            item.key,
-            item.token,
-            item.version,
-            item.file.codec,
-            item.file.raw_size,
-            item.file.stored_size,
-            item.file.checksum,
-            len(item.file.shards),
-            item.file.inline,
-            orjson.dumps(list(item.migrations)).decode(),
-            item.new_record,
-        )
-        for item in items
-    ]
     rows = len(items) if len(items) <= _MAX_VALUES_ROWS else 0
-    params: dict[str, Any] = {"store": store, "holder": holder, "atomic": atomic}
-    for position, (name, _) in enumerate(_INPUT_COLUMNS):
-        if rows:
-            for row, values in enumerate(columns):
-                params[f"{name}_{row}"] = values[position]
-        else:
-            params[name + "s"] = [values[position] for values in columns]
-    if shard_keys:
-        params.update(
-            shard_keys=shard_keys,
-            shard_versions=shard_versions,
-            shard_idx=shard_idx,
-            shard_data=shard_data,
-        )
-    cache_key = (schema, rows, bool(shard_keys), final)
+    params = _write_params(store, holder, items, atomic=atomic, rows=rows)
+    cache_key = (schema, rows, "shard_keys" in params, final)
     statement = _writes.get(cache_key)
     if statement is None:
         statement = _writes[cache_key] = _write_statement(
-            schema, rows=rows, shards=bool(shard_keys), lock=final
+            schema, rows=rows, shards="shard_keys" in params, lock=final
         )
     result = WriteResult()
     by_key = {item.key: item for item in items}
@@ -361,6 +374,51 @@ def write_versions(
         elif not row.leased:
             result.lost.add(row.key)
     return result
+
+
+class _Upload:
+    """The shard rows of one streamed write, sent as the compressor fills them."""
+
+    def __init__(
+        self, cursor: psycopg.Cursor[Any], sql: _Statements, params: dict[str, Any], size: int
+    ) -> None:
+        self._cursor = cursor
+        self._sql = sql
+        self._params = params
+        self._size = size
+        self._held = bytearray()  # compressed, not yet sent
+        self.sent = 0
+        self.checksum = 0
+
+    def add(self, output: bytes, inline_threshold: int) -> None:
+        self._held += output
+        # Sharded once it outgrows the inline threshold: whole shards leave now.
+        if self.sent or len(self._held) > inline_threshold:
+            self._send(len(self._held) - len(self._held) % self._size)
+
+    def finish(self, inline_threshold: int) -> tuple[int, bytes | None]:
+        """Send the rest; ``(stored size, inline bytes or None)``."""
+        stored_size = self.sent * self._size + len(self._held)
+        if self.sent or len(self._held) > inline_threshold:
+            self._send(len(self._held))
+            return stored_size, None
+        inline = bytes(self._held)
+        self.checksum = zlib.crc32(inline)
+        return stored_size, inline
+
+    def _send(self, end: int) -> None:
+        if not end:
+            return
+        with memoryview(self._held) as whole:
+            chunk = bytes(whole[:end])
+        del self._held[:end]
+        self.checksum = zlib.crc32(chunk, self.checksum)
+        view = memoryview(chunk)
+        shards = [view[at : at + self._size] for at in range(0, len(chunk), self._size)]
+        self._cursor.execute(
+            self._sql.insert_shards, {**self._params, "first": self.sent, "data": shards}
+        )
+        self.sent += len(shards)
 
 
 def write_streamed(
@@ -402,47 +460,19 @@ def write_streamed(
     with driver_connection(conn).transaction() as transaction:
         started = write_versions(conn, schema, store, holder, [item], atomic=True, final=False)
         if item.key in started.written:
-            size = settings.shard_size
-            held = bytearray()  # compressed, not yet sent
-            sent = checksum = 0
             with driver_cursor(conn, binary=True) as cursor:
-
-                def send(end: int) -> None:
-                    nonlocal sent, checksum
-                    if not end:
-                        return
-                    with memoryview(held) as whole:
-                        chunk = bytes(whole[:end])
-                    del held[:end]
-                    checksum = zlib.crc32(chunk, checksum)
-                    view = memoryview(chunk)
-                    shards = [view[at : at + size] for at in range(0, len(chunk), size)]
-                    cursor.execute(sql.insert_shards, {**params, "first": sent, "data": shards})
-                    sent += len(shards)
-
+                upload = _Upload(cursor, sql, params, settings.shard_size)
                 for output in compress_stream(raw, settings):
-                    held += output
-                    # Sharded once it outgrows the inline threshold: whole shards leave now.
-                    if sent or len(held) > settings.inline_threshold:
-                        send(len(held) - len(held) % size)
-                stored_size = sent * size + len(held)
-                inline = None
-                if sent or len(held) > settings.inline_threshold:
-                    send(len(held))
-                else:
-                    inline = bytes(held)
-                    checksum = zlib.crc32(inline)
-                cursor.execute(
-                    sql.finish_version,
-                    {
-                        **params,
-                        "stored_size": stored_size,
-                        "checksum": checksum,
-                        "shard_count": sent,
-                        "inline": inline,
-                    },
-                )
-                if cursor.fetchone() is not None:
+                    upload.add(output, settings.inline_threshold)
+                stored_size, inline = upload.finish(settings.inline_threshold)
+                finish = {
+                    **params,
+                    "stored_size": stored_size,
+                    "checksum": upload.checksum,
+                    "shard_count": upload.sent,
+                    "inline": inline,
+                }
+                if cursor.execute(sql.finish_version, finish).fetchone() is not None:
                     return started
             raise psycopg.Rollback(transaction)  # the lease went during the upload
     if item.key in started.written:  # ... and was rolled back

@@ -55,6 +55,11 @@ class LeaseStatements:
 
     def __init__(self, schema: str) -> None:
         s = f'"{schema}"'
+        self._taking(s)
+        self._keeping(s)
+        self._letting_go(s)
+
+    def _taking(self, s: str) -> None:
         # Take the row if it is free (no row), expired, already ours (a
         # session we closed locally after losing track of it, or a key another
         # holder handed over to us), or held by a holder the caller saw dead
@@ -75,6 +80,13 @@ ON CONFLICT (store, key) DO UPDATE
            AND NOT {ALIVE_SQL.format(holder="l.holder")})
 RETURNING token
 """)
+        self.info = sa.text(
+            "SELECT holder, token, expires_at, expires_at > clock_timestamp() AS active, "
+            f"host, pid, liveness, {ALIVE_SQL.format(holder='holder')} AS alive "
+            f"FROM {s}.locks WHERE store = :store AND key = :key"
+        )
+
+    def _keeping(self, s: str) -> None:
         # Renew exactly the leases the holder still uses (a lease it no longer
         # tracks, after a release that failed, is left to expire), skipping
         # rows that someone else holds locked: waiting for one would stall the
@@ -100,6 +112,8 @@ RETURNING key, token
             "WHERE store = %(store)s AND key = %(key)s AND holder = %(holder)s "
             "AND token = %(token)s AND expires_at > clock_timestamp() RETURNING key"
         )
+
+    def _letting_go(self, s: str) -> None:
         # Release by key and token, re-checked on the row version current when
         # its lock is granted: a renewal that just moved the row cannot make
         # the release miss it. Each released key is announced to waiters.
@@ -129,11 +143,6 @@ WITH moved AS (
 )
 SELECT pg_notify(%(channel)s, key) FROM moved
 """
-        self.info = sa.text(
-            "SELECT holder, token, expires_at, expires_at > clock_timestamp() AS active, "
-            f"host, pid, liveness, {ALIVE_SQL.format(holder='holder')} AS alive "
-            f"FROM {s}.locks WHERE store = :store AND key = :key"
-        )
 
 
 _cache: dict[str, LeaseStatements] = {}
