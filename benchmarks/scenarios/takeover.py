@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 from ..context import Bench
@@ -104,4 +105,44 @@ def run(bench: Bench) -> list[Row]:
             note="two Stores (two holders) in one process passing the key back and forth",
         )
     )
+    rows.append(_wake_after_release(bench, name))
     return rows
+
+
+def _wake_after_release(bench: Bench, name: str) -> Row:
+    """A loader waiting for a key someone else holds (and keeps): how soon after the release
+    does its load return? Woken by the release's NOTIFY, not by its next poll (which, after
+    a few hundred ms of waiting, comes every 250 ms)."""
+    holder = bench.store({"coins": 0}, name=name, on_handoff_request=lambda key: False)
+    taker = bench.store({"coins": 0}, name=name, lock_timeout=30.0)
+    samples = []
+    for i in range(5 if bench.sizes.scale < 1 else 20):
+        key = f"wake{i}"
+        holder.load(key)
+        done: list[float] = []
+
+        def wait_for(key: str = key, done: list[float] = done) -> None:
+            taker.load(key)
+            done.append(time.perf_counter())
+
+        waiter = threading.Thread(target=wait_for)
+        waiter.start()
+        time.sleep(0.4)  # the waiter is deep in its backoff now
+        started = time.perf_counter()
+        holder.unload(key)
+        waiter.join(30)
+        if not done:
+            raise AssertionError("the waiting load did not get the released key")
+        samples.append(done[0] - started)
+        taker.unload(key)
+    wakes = Spread.of(samples)
+    return Row(
+        "handoff",
+        "waiting load, after the holder's unload (woken by NOTIFY)",
+        Figure.of(wakes, "s"),
+        Figure.exact(0.25, "s"),
+        "the longest poll interval of the wait (250 ms): what polling alone costs",
+        Figure.of(wakes.map(lambda t: t / 0.25), "x"),
+        Target("<=", 0.2, "≤ 0.2x (50 ms)"),
+        note="unload (final save, release with NOTIFY) to the waiter's load returning",
+    )
