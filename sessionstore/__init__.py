@@ -3,7 +3,7 @@
 A process ``load``s a key and owns it; it changes the data in memory with
 ``update``; the library saves in the background, on ``save``, ``unload`` and
 ``close``, with fenced writes a stale holder can never get past. See
-DESIGN.md §1 for the contract re-exported here.
+docs/api.md for the contract re-exported here.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Checks of call arguments and Store options, before any I/O.
 
-Owns the rule of DESIGN.md §1 "Bad arguments": a value of the wrong type
+Owns the rule of docs/api.md, "Bad arguments": a value of the wrong type
 raises :class:`ArgumentTypeError` (a ``TypeError``), a value of the right
 type but out of range raises :class:`InvalidArgumentError` (a
 ``ValueError``); both are :class:`SessionStoreError`. Every check names the

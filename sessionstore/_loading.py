@@ -1,6 +1,6 @@
 """Loading a key: wait for its lease, read its file, bring its data forward.
 
-Owns Lyra's load steps as DESIGN §3 lists them: lease (waiting for a key
+Owns the load steps of docs/architecture.md ("Loading"): lease (waiting for a key
 held elsewhere: a live holder is asked to hand it over, a dead one is taken
 over once its advisory lock stayed gone for the whole ``takeover_grace``,
 an expired lease is simply taken), record and file (integrity checked), the

@@ -1,6 +1,6 @@
 """Multi-key transactions: several loaded keys changed together, atomically.
 
-Owns ``tx`` / ``tx_immutable`` (DESIGN §3, "Transaction"): the keys' FIFO
+Owns ``tx`` / ``tx_immutable`` (docs/architecture.md, "The save path"): the keys' FIFO
 turns are taken in key order, their updates blocked (registry entry
 ``in_tx``), the transform run on copies, every result checked against the
 schema, and the keys that changed (or still had unsaved changes) written in

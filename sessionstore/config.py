@@ -4,7 +4,7 @@ Owns :class:`StoreConfig`: the single home of each ``Store(...)`` option
 (name, default, one-line meaning, and the rule its value must satisfy),
 checked as a whole when it is built, before the Store does any I/O. A
 value of the wrong type raises :class:`ArgumentTypeError`, a bad value
-:class:`InvalidArgumentError` (DESIGN.md §1, "Bad arguments"); the checks
+:class:`InvalidArgumentError` (docs/api.md, "Bad arguments"); the checks
 themselves are those of :mod:`sessionstore._args` and
 :func:`sessionstore.db.validate_schema_name`. Also renders the README's
 table of options (:func:`configuration_table`), so the table cannot drift

@@ -1,6 +1,6 @@
 """Every exception sessionstore raises.
 
-Owns the exception hierarchy of DESIGN.md §1 and nothing else: all classes
+Owns the exception hierarchy of docs/api.md ("Errors") and nothing else: all classes
 subclass :class:`SessionStoreError`; errors caused by bad input also subclass
 ``ValueError`` or ``TypeError`` so generic handlers keep working.
 """

@@ -1,6 +1,6 @@
 """Read-only JSON data, and the checks that make data JSON.
 
-Owns what a document may contain (DESIGN.md §1: dict with str keys, list,
+Owns what a document may contain (docs/api.md, "Data and keys": dict with str keys, list,
 str, 64-bit int, finite float, bool, None) and its frozen form.
 :func:`freeze` validates and freezes in one walk; :func:`thaw` gives back
 plain, mutable containers; :func:`encode`/:func:`decode` are the one JSON

@@ -1,6 +1,6 @@
 """Store: the public facade of sessionstore.
 
-Owns the public API of DESIGN §1 and nothing behind it: each method checks
+Owns the public API of docs/api.md and nothing behind it: each method checks
 its arguments (before any I/O), then delegates to the parts of the store's
 core (:mod:`sessionstore._core`): the key registry, the loader, the save
 path, transactions, the storage layer. docs/architecture.md describes those

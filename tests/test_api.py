@@ -1,4 +1,4 @@
-"""The Store API of one process (DESIGN.md §1) against a real PostgreSQL."""
+"""The Store API of one process (docs/api.md) against a real PostgreSQL."""
 
 from __future__ import annotations
 
@@ -138,7 +138,7 @@ def test_load_of_a_loaded_key_is_a_noop(make_store: Callable[..., ss.Store]) -> 
 def test_concurrent_load_of_the_same_key_waits_and_shares_the_outcome(
     make_store: Callable[..., ss.Store],
 ) -> None:
-    """DESIGN §6 (changed contract): another thread's load of a loading key waits for it.
+    """docs/api.md, "Calls" (a changed contract): another thread's load of a loading key waits for it.
 
     It used to raise LoadInProgressError; now the second load returns once the
     first is done, having loaded nothing itself (one legacy import, one lease),

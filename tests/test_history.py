@@ -1,4 +1,4 @@
-"""Version history (DESIGN.md §1-2): list, read back, prune, peek, restore and erase.
+"""Version history (docs/api.md): list, read back, prune, peek, restore and erase.
 
 Against a real PostgreSQL. Where the contract is about rows (pruning leaves no
 shards behind, erase leaves nothing that mentions the key) the tables are

@@ -1,4 +1,4 @@
-"""Bad input never gets past the API raw (DESIGN.md §1, "Bad arguments").
+"""Bad input never gets past the API raw (docs/api.md, "Bad arguments").
 
 A bad argument raises a ``ValueError``/``TypeError`` that is also a
 ``SessionStoreError``, at the call and before any I/O; data that is not

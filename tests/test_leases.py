@@ -1,7 +1,7 @@
 """Leases, fencing, heartbeat, autosave, close and per-key order on a real PostgreSQL.
 
 Every test here runs against the throwaway server of the ``sessionstore_dsn``
-fixture and checks what the library promises in DESIGN.md §1 and §3 from the
+fixture and checks what the library promises in docs/api.md and docs/architecture.md from the
 outside: through the public API and by reading (or tampering with) the
 ``locks`` and ``versions`` tables in SQL. Nothing is mocked. Where a test
 needs to stall or break something it does it the way it happens in
@@ -175,7 +175,7 @@ def test_stalled_holder_loses_lease_to_new_holder_and_writes_nothing(
 
     with pytest.raises(ss.LockLostError):
         a.save("k")
-    # on_lock_lost runs on the callback lane (DESIGN §6), so it may come just after.
+    # on_lock_lost runs on the callback lane (docs/architecture.md, "Threads"), so it may come just after.
     wait_until(lambda: lost == ["k"], 5, "on_lock_lost")
     for call in (
         lambda: a.get("k"),

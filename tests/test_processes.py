@@ -305,7 +305,7 @@ def test_stopped_holder_is_taken_over_and_cannot_write_after_resuming(
     # On resume its overdue heartbeat and this save race: whichever reaches the
     # database first learns the lease is gone. The save fails the fence
     # (LockLostError), or finds the session the heartbeat already closed for
-    # that reason (SessionClosedError, DESIGN.md §1). The save that is already
+    # that reason (SessionClosedError, docs/api.md). The save that is already
     # in flight when the holder freezes is pinned to LockLostError below.
     assert answer["error"] in ("LockLostError", "SessionClosedError"), answer
     if answer["error"] == "SessionClosedError":
