@@ -22,7 +22,9 @@ from contextlib import contextmanager
 from dataclasses import MISSING
 from datetime import datetime
 from types import SimpleNamespace, TracebackType
-from typing import Any
+from typing import Any, Generic, Literal
+
+from typing_extensions import TypeVar
 
 import sqlalchemy as sa
 
@@ -49,17 +51,26 @@ from .session import Session, in_transform
 
 __all__ = ["SessionHandle", "Store"]
 
+T = TypeVar("T", default=Any)
+"""The document type of a Store (``Store[Player]``, a TypedDict say); ``Any`` if not given.
+
+Only for type checkers: at run time documents are frozen JSON (``FrozenDict``
+and friends), read-only whatever ``T`` says."""
+
 _DEFAULT = SimpleNamespace(
     **{f.name: f.default for f in dataclasses.fields(StoreConfig) if f.default is not MISSING}
 )
 """The option defaults, as :class:`StoreConfig` declares them (their one home)."""
 
 
-class Store:
+class Store(Generic[T]):
     """A named collection of documents kept in PostgreSQL under session locks.
 
     Every option is described, with its default, by :class:`StoreConfig`
-    (and the README's configuration table, made from it). All methods are
+    (and the README's configuration table, made from it). ``Store[Player]``
+    types the documents (``get`` returns a ``Player``, ``update`` takes a
+    ``Callable[[Player], bool]``) for mypy and IDEs; unparameterised they are
+    ``Any``. All methods are
     thread-safe; a Store created before ``os.fork()`` acts in the child as a
     fresh Store (no keys, its own holder id, connections and threads).
     """
@@ -178,7 +189,7 @@ class Store:
 
     # -- context managers ------------------------------------------------------------
 
-    def __enter__(self) -> Store:
+    def __enter__(self) -> Store[T]:
         return self
 
     def __exit__(
@@ -197,7 +208,7 @@ class Store:
         return f"<sessionstore.Store {self.name!r} holder={core.holder} {len(core.table)} keys>"
 
     @contextmanager
-    def session(self, key: str) -> Iterator[SessionHandle]:
+    def session(self, key: str) -> Iterator[SessionHandle[T]]:
         """Use ``key`` for the block: loaded on entry, unloaded when the last block exits.
 
         Blocks on the same key share one lease (any threads, nested or not);
@@ -265,15 +276,16 @@ class Store:
         """
         self._begin("load", key).loader.load(key, explicit=True, user=False)
 
-    def get(self, key: str) -> JSON:
+    def get(self, key: str) -> T:
         """The key's current data, frozen (read-only). O(1): no copy is made."""
-        return self._session(key).data
+        data: T = self._session(key).data
+        return data
 
     def is_saved(self, key: str) -> bool:
         """True if the key has no changes that are not yet in the database."""
         return self._session(key).saved
 
-    def update(self, key: str, fn: Callable[[Any], bool]) -> bool:
+    def update(self, key: str, fn: Callable[[T], bool]) -> bool:
         """Change the key's data in memory: ``fn(mutable copy) -> True`` commits, ``False`` aborts.
 
         Durable after the next save (autosave, ``save``, ``unload``, ``close``).
@@ -285,7 +297,7 @@ class Store:
             self._open_core().announce(session, change)
         return committed
 
-    def update_immutable(self, key: str, fn: Callable[[Any], Any]) -> bool:
+    def update_immutable(self, key: str, fn: Callable[[T], T | Literal[False]]) -> bool:
         """Like :meth:`update`, but ``fn(frozen data)`` returns new data or ``False``."""
         session = self._session(key)
         self._refuse_reentry("update_immutable")
@@ -294,7 +306,7 @@ class Store:
             self._open_core().announce(session, change)
         return committed
 
-    def tx(self, keys: Sequence[str], fn: Callable[[dict[str, Any]], bool]) -> bool:
+    def tx(self, keys: Sequence[str], fn: Callable[[dict[str, T]], bool]) -> bool:
         """Change several loaded keys together, atomically and durably.
 
         ``fn({key: mutable copy}) -> True`` commits: every key that changed is
@@ -304,7 +316,9 @@ class Store:
         return self._tx(keys, fn, immutable=False)
 
     def tx_immutable(
-        self, keys: Sequence[str], fn: Callable[[dict[str, Any]], Mapping[str, Any] | bool]
+        self,
+        keys: Sequence[str],
+        fn: Callable[[dict[str, T]], Mapping[str, T] | Literal[False]],
     ) -> bool:
         """Like :meth:`tx`, but ``fn({key: frozen})`` returns ``{key: new data}`` or ``False``."""
         return self._tx(keys, fn, immutable=True)
@@ -393,7 +407,7 @@ class Store:
 
     # -- lock-free reads and history --------------------------------------------------------
 
-    def peek(self, key: str, *, max_age: float | None = None) -> JSON:
+    def peek(self, key: str, *, max_age: float | None = None) -> T | None:
         """The saved data of any key (frozen, migrated in memory), or None. No lease needed.
 
         With ``max_age`` (seconds), a result read at most that long ago by this
@@ -407,7 +421,8 @@ class Store:
             with core.peek_lock:
                 cached = cache.get(key)
             if cached is not None and time.monotonic() - cached[0] <= max_age:
-                return cached[1]
+                found: T | None = cached[1]
+                return found
         read_at = time.monotonic()
         stored = core.repo.read(key)
         data = None
@@ -446,7 +461,7 @@ class Store:
             key, newest_first=newest_first, since=since, until=until, limit=limit
         )
 
-    def read_version(self, key: str, version: int) -> tuple[JSON, VersionInfo]:
+    def read_version(self, key: str, version: int) -> tuple[T, VersionInfo]:
         """``(frozen data, info)`` of one saved version, as it was stored (not migrated)."""
         core = self._open_core()
         check_key(key)
@@ -495,22 +510,22 @@ class Store:
         return core.prune(_args.check_seconds(time_budget, "time_budget"))
 
 
-class SessionHandle:
+class SessionHandle(Generic[T]):
     """The key-bound view ``Store.session(key)`` yields."""
 
     __slots__ = ("key", "store")
 
-    def __init__(self, store: Store, key: str) -> None:
+    def __init__(self, store: Store[T], key: str) -> None:
         self.store = store
         self.key = key
 
-    def get(self) -> JSON:
+    def get(self) -> T:
         return self.store.get(self.key)
 
-    def update(self, fn: Callable[[Any], bool]) -> bool:
+    def update(self, fn: Callable[[T], bool]) -> bool:
         return self.store.update(self.key, fn)
 
-    def update_immutable(self, fn: Callable[[Any], Any]) -> bool:
+    def update_immutable(self, fn: Callable[[T], T | Literal[False]]) -> bool:
         return self.store.update_immutable(self.key, fn)
 
     def save(self) -> None:
