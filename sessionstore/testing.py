@@ -13,6 +13,9 @@ Owns the test fixtures shared by sessionstore's own suite and by users
   ``$SESSIONSTORE_TEST_DSN_RESOLVED`` for child processes started by tests.
 * ``sessionstore_schema`` (session scope): a fresh schema ``t_<8 hex>``
   brought to the newest revision, dropped at the end of the session.
+* ``sessionstore_test_schema`` (function scope): the same, for one test.
+* ``sessionstore_factory`` (function scope): ``factory(name=..., template=...,
+  **options)`` builds Stores in that test's schema and closes them after it.
 """
 
 from __future__ import annotations
@@ -22,13 +25,22 @@ import shutil
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-__all__ = ["sessionstore_dsn", "sessionstore_schema"]
+if TYPE_CHECKING:
+    from sessionstore import Store
+
+__all__ = [
+    "sessionstore_dsn",
+    "sessionstore_factory",
+    "sessionstore_schema",
+    "sessionstore_test_schema",
+]
 
 TEST_DSN_ENV = "SESSIONSTORE_TEST_DSN"
 TEST_PG_BIN_ENV = "SESSIONSTORE_TEST_PG_BIN"
@@ -161,15 +173,15 @@ def sessionstore_dsn() -> Iterator[str]:
             cleanup()
 
 
-@pytest.fixture(scope="session")
-def sessionstore_schema(sessionstore_dsn: str) -> Iterator[str]:
-    """A fresh schema at the newest revision, dropped at the end of the session."""
+@contextmanager
+def _fresh_schema(dsn: str) -> Iterator[str]:
+    """A new schema ``t_<8 hex>`` at the newest revision, dropped afterwards."""
     from sqlalchemy import text
 
     from sessionstore.db import clear_schema_cache, create_engine, ensure_schema
 
     schema = f"t_{uuid.uuid4().hex[:8]}"
-    engine = create_engine(sessionstore_dsn, pool_size=1)
+    engine = create_engine(dsn, pool_size=1)
     try:
         ensure_schema(engine, schema)
         yield schema
@@ -180,3 +192,42 @@ def sessionstore_schema(sessionstore_dsn: str) -> Iterator[str]:
             clear_schema_cache()
         finally:
             engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def sessionstore_schema(sessionstore_dsn: str) -> Iterator[str]:
+    """A fresh schema at the newest revision, shared by the session, dropped at its end."""
+    with _fresh_schema(sessionstore_dsn) as schema:
+        yield schema
+
+
+@pytest.fixture
+def sessionstore_test_schema(sessionstore_dsn: str) -> Iterator[str]:
+    """A fresh schema for this test alone: nothing saved in another test is visible."""
+    with _fresh_schema(sessionstore_dsn) as schema:
+        yield schema
+
+
+@pytest.fixture
+def sessionstore_factory(
+    sessionstore_dsn: str, sessionstore_test_schema: str
+) -> Iterator[Callable[..., Store[Any]]]:
+    """``factory(name=..., template=..., **options)``: Stores in this test's own schema.
+
+    Every Store it made is closed after the test (errors of that close fail
+    the test), so leases, threads and data never leak into the next one.
+    """
+    from sessionstore import Store
+
+    made: list[Store[Any]] = []
+
+    def factory(name: str, template: Any, **options: Any) -> Store[Any]:
+        options.setdefault("dsn", sessionstore_dsn)
+        options.setdefault("db_schema", sessionstore_test_schema)
+        store: Store[Any] = Store(name, template, **options)
+        made.append(store)
+        return store
+
+    yield factory
+    for store in reversed(made):
+        store.close()
