@@ -53,8 +53,10 @@ class KeyEntry:
         "session",
         "state",
         "token",
+        "user_threads",
         "users",
         "wakeup",
+        "wanted_by",
     )
 
     def __init__(self, key: str) -> None:
@@ -66,6 +68,11 @@ class KeyEntry:
         """The lease token, from the moment the lease is taken."""
         self.users = 0
         """Open ``session()`` blocks."""
+        self.user_threads: dict[int, int] = {}
+        """Open ``session()`` blocks by thread (a nested block never waits for a handoff)."""
+        self.wanted_by: str | None = None
+        """Another process asked for the key while blocks used it: it goes there when the
+        last block exits, and new blocks of this process wait for that."""
         self.explicit = False
         """Loaded by ``load()``: stays until ``unload()``, whatever the blocks do."""
         self.in_tx = False
@@ -144,6 +151,11 @@ class KeyTable:
                 if entry.state is KeyState.UNLOADING:
                     self._wait_while(entry, KeyState.UNLOADING)
                     continue
+                if user and entry.wanted_by and threading.get_ident() not in entry.user_threads:
+                    # Promised to another process: queue behind it, do not starve it.
+                    while entry.state is KeyState.LIVE and entry.wanted_by:
+                        self._changed.wait()
+                    continue
                 self._use(entry, explicit=explicit, user=user)
                 return entry, False
 
@@ -208,11 +220,39 @@ class KeyTable:
 
     # -- users ------------------------------------------------------------------
 
-    def leave(self, entry: KeyEntry) -> bool:
-        """A ``session()`` block ended; True if it was the key's last user."""
+    def leave(self, entry: KeyEntry) -> tuple[bool, str | None]:
+        """A ``session()`` block ended: ``(let the key go?, the holder to hand it to)``.
+
+        The key goes when its last block exits and ``load()`` does not hold
+        it, or when another process asked for it meanwhile (then to that one).
+        """
         with self._lock:
             entry.users -= 1
-            return entry.users <= 0 and not entry.explicit
+            ident = threading.get_ident()
+            left = entry.user_threads.get(ident, 0) - 1
+            if left > 0:
+                entry.user_threads[ident] = left
+            else:
+                entry.user_threads.pop(ident, None)
+            if entry.users > 0:
+                return False, None
+            if entry.wanted_by:
+                return True, entry.wanted_by
+            return not entry.explicit, None
+
+    def want(self, entry: KeyEntry, requester: str) -> bool:
+        """Another process asks for a key in use: promise it; False if no block uses it now."""
+        with self._lock:
+            if entry.state is not KeyState.LIVE or entry.users <= 0:
+                return False
+            entry.wanted_by = entry.wanted_by or requester
+            return True
+
+    def unwant(self, entry: KeyEntry) -> None:
+        """The promised handoff failed: new blocks may use the key again."""
+        with self._lock:
+            entry.wanted_by = None
+            self._changed.notify_all()
 
     def drop_explicit(self, entry: KeyEntry) -> bool:
         """``unload()`` of a key: True if no ``session()`` block still uses it."""
@@ -314,6 +354,8 @@ class KeyTable:
             entry.explicit = True
         if user:
             entry.users += 1
+            ident = threading.get_ident()
+            entry.user_threads[ident] = entry.user_threads.get(ident, 0) + 1
 
     def _wait_while(self, entry: KeyEntry, state: KeyState) -> None:
         while entry.state is state:

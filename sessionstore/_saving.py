@@ -214,18 +214,34 @@ class Saver:
         return entry is not None and entry.state is KeyState.LIVE and entry.users <= 0
 
     def hand_over(self, key: str, requester: str) -> None:
-        """Final save, then the lease passes to ``requester`` (worker thread)."""
+        """Final save, then the lease passes to ``requester`` (worker thread).
+
+        A key that ``session()`` blocks are using goes when the last exits
+        (new blocks wait meanwhile); a lease handed to this process that it
+        never took (its loader gave up) is released for the asker.
+        """
         core = self._core
         entry = core.table.get(key)
-        if entry is None or not self.may_hand_over(key):
-            return  # not ours, or in use: it is released when its last block exits
+        if entry is None:
+            core.repo.release_unclaimed(key)
+            return
+        if core.table.want(entry, requester):
+            return
+        if self.may_hand_over(key):
+            self.hand_over_now(entry, requester)
+
+    def hand_over_now(self, entry: KeyEntry, requester: str) -> None:
+        core = self._core
         errors = self.unload([entry], handoff_to=requester)
-        if key in errors:
-            core.log(logging.WARNING, key, "handoff failed, keeping the key: %s", errors[key])
+        if entry.key in errors:
+            core.table.unwant(entry)
+            core.log(
+                logging.WARNING, entry.key, "handoff failed, keeping the key: %s", errors[entry.key]
+            )
             return
         if entry.state is KeyState.CLOSED:
-            core.log(logging.INFO, key, "handed over to another process")
-            core.leases.tell_lost(key)
+            core.log(logging.INFO, entry.key, "handed over to another process")
+            core.leases.tell_lost(entry.key)
 
     # -- erase -------------------------------------------------------------------------
 

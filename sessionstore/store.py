@@ -24,9 +24,8 @@ from datetime import datetime
 from types import SimpleNamespace, TracebackType
 from typing import Any, Generic, Literal
 
-from typing_extensions import TypeVar
-
 import sqlalchemy as sa
+from typing_extensions import TypeVar
 
 from . import _args, _process, db
 from ._core import StoreCore
@@ -219,7 +218,10 @@ class Store(Generic[T]):
         try:
             yield SessionHandle(self, key)
         finally:
-            if core.table.leave(entry):
+            last, handoff_to = core.table.leave(entry)
+            if handoff_to is not None:
+                core.saver.hand_over_now(entry, handoff_to)
+            elif last:
                 errors = core.saver.unload([entry], last_user=True)
                 if key in errors:
                     raise errors[key]

@@ -183,3 +183,33 @@ def test_a_key_in_use_by_session_blocks_is_not_handed_over_mid_request(
     waiter.join(10)
     assert outcome == [None]
     assert second.get("k")["coins"] == users
+
+
+def test_a_hot_key_in_constant_use_still_goes_to_the_process_that_asks(
+    make_store: MakeStore,
+) -> None:
+    """Threads of one process re-entering session() back to back must not starve another.
+
+    Before, a new block joined the key while another process waited for it,
+    so the other process's load ran out its lock_timeout.
+    """
+    busy = make_store()
+    other = make_store(lock_timeout=3.0)
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            with busy.session("hot") as s:
+                s.update(inc)
+                time.sleep(0.01)  # some work inside the block
+
+    threads = [in_thread(hammer) for _ in range(4)]
+    try:
+        time.sleep(0.2)  # the blocks overlap all the time now
+        with other.session("hot") as s:
+            assert s.update(inc)
+    finally:
+        stop.set()
+        for thread, outcome in threads:
+            thread.join(10)
+            assert outcome == [None]

@@ -1,8 +1,9 @@
 """How a document's JSON bytes become a stored file and back (pure: no I/O).
 
-Owns the stored file format (docs/architecture.md, "Storage") as the storage layer writes it: zstd above
-``compress_threshold``, a CRC-32 of the stored bytes, inline up to
-``inline_threshold`` and fixed-size shards beyond, and the checks that make a
+Owns the stored file format (docs/architecture.md, "Storage") as the
+storage layer writes it: zstd above ``compress_threshold``, a CRC-32 of
+the stored bytes, inline up to ``inline_threshold`` and fixed-size shards
+beyond, and the checks that make a
 damaged file fail loudly (:class:`~sessionstore.errors.CorruptDataError`).
 Also the process-local zstd contexts, which hold C threads and so are dropped
 in a forked child (see docs/architecture.md, "Processes").

@@ -34,6 +34,7 @@ __all__ = [
     "info",
     "lease_statements",
     "release",
+    "release_unclaimed",
     "renew",
     "request_handoff",
 ]
@@ -125,6 +126,16 @@ WITH mine AS (
     DELETE FROM {s}.locks
     WHERE store = %(store)s AND key = ANY(ARRAY(SELECT key FROM mine))
       AND holder = %(holder)s AND token = ANY(CAST(%(tokens)s AS bigint[]))
+    RETURNING key
+)
+SELECT pg_notify(%(channel)s, key) FROM gone
+"""
+        # A lease handed to this holder that it never took (pid 0 marks the
+        # reservation; taking it sets the taker's pid): let it go.
+        self.release_unclaimed = f"""
+WITH gone AS (
+    DELETE FROM {s}.locks
+    WHERE store = %(store)s AND key = %(key)s AND holder = %(holder)s AND pid = 0
     RETURNING key
 )
 SELECT pg_notify(%(channel)s, key) FROM gone
@@ -297,6 +308,18 @@ def hand_over(
     }
     with driver_cursor(conn) as cursor:
         return cursor.execute(lease_statements(schema).hand_over, params).fetchone() is not None
+
+
+def release_unclaimed(conn: sa.Connection, schema: str, store: str, holder: str, key: str) -> None:
+    """Drop a lease handed over to ``holder`` that it never took (its load gave up)."""
+    params = {
+        "store": store,
+        "holder": holder,
+        "key": key,
+        "channel": free_channel(schema, store),
+    }
+    with driver_cursor(conn) as cursor:
+        cursor.execute(lease_statements(schema).release_unclaimed, params)
 
 
 def info(conn: sa.Connection, schema: str, store: str, key: str) -> LeaseInfo | None:

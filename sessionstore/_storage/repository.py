@@ -111,6 +111,12 @@ class Repository:
                 lambda c: leases.release(c, self.schema, self.store, self.holder, held),
             )
 
+    def release_unclaimed(self, key: str) -> None:
+        self.run(
+            "release unclaimed lease",
+            lambda c: leases.release_unclaimed(c, self.schema, self.store, self.holder, key),
+        )
+
     def hand_over(self, key: str, token: int, to: str, reserve: float) -> bool:
         return self.run(
             "hand over",

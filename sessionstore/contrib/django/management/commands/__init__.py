@@ -1,0 +1,1 @@
+"""``manage.py sessionstore``: the sessionstore command line with the DSN from settings."""
