@@ -12,76 +12,32 @@ on SIGTERM gunicorn must stop promptly, every worker closing its Store at exit
 
 from __future__ import annotations
 
-import json
-import os
-import re
 import signal
 import subprocess
-import sys
-import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
 
 import pytest
-import sqlalchemy as sa
 from conftest import wait_until
+from gunicorn_helpers import (
+    STOP_TIMEOUT,
+    TESTS,
+    Response,
+    Server,
+    leased_keys,
+    request,
+    shutdown,
+)
+from gunicorn_helpers import start as start_gunicorn
 
 import sessionstore as ss
-from sessionstore import db
-
-TESTS = Path(__file__).resolve().parent
-ROOT = TESTS.parent
 
 CLIENTS = 8
 HOT_PER_CLIENT = 25
 OWN_PER_CLIENT = 5
 HOT_KEY = "hot"
-
-STOP_TIMEOUT = 15.0
-"""How long gunicorn may take to stop on SIGTERM."""
-
-
-@dataclass
-class Server:
-    """A running gunicorn: its process, its log (stderr) and the port it listens on."""
-
-    proc: subprocess.Popen[bytes]
-    log_file: IO[bytes]
-    port: int = 0
-
-    def log(self) -> str:
-        self.log_file.flush()
-        self.log_file.seek(0)
-        return self.log_file.read().decode(errors="replace")
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-
-@dataclass
-class Response:
-    status: int
-    body: dict[str, Any] = field(default_factory=dict)
-    error: str = ""
-
-
-def request(server: Server, method: str, path: str, timeout: float = 30.0) -> Response:
-    req = urllib.request.Request(
-        server.url(path), method=method, data=b"" if method == "POST" else None
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as answer:
-            return Response(answer.status, json.loads(answer.read()))
-    except urllib.error.HTTPError as exc:
-        return Response(exc.code, error=exc.read().decode(errors="replace")[:500])
-    except (urllib.error.URLError, OSError) as exc:
-        return Response(0, error=repr(exc))
 
 
 @pytest.fixture
@@ -92,74 +48,23 @@ def gunicorn(
     servers: list[Server] = []
 
     def start(*options: str) -> Server:
-        env = os.environ.copy()
-        env.update(
-            SESSIONSTORE_TEST_DSN_RESOLVED=sessionstore_dsn,
-            WSGI_TEST_SCHEMA=sessionstore_schema,
-            WSGI_TEST_STORE=store_name,
-            PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p),
-        )
-        log_file = tempfile.TemporaryFile()  # noqa: SIM115 - closed at teardown
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "--bind",
-                "127.0.0.1:0",  # a free port, chosen by the kernel; read back from the log
-                "--timeout",
-                "30",
-                "--graceful-timeout",
-                "10",
-                "--no-control-socket",
-                "--log-level",
-                "info",
-                "--pythonpath",
-                str(TESTS),
-                *options,
-                "wsgi_app:application",
-            ],
+        server = start_gunicorn(
+            "wsgi_app:application",
+            *options,
+            env={
+                "SESSIONSTORE_TEST_DSN_RESOLVED": sessionstore_dsn,
+                "WSGI_TEST_SCHEMA": sessionstore_schema,
+                "WSGI_TEST_STORE": store_name,
+            },
+            pythonpath=[TESTS],
             cwd=tmp_path,  # no gunicorn.conf.py is picked up from the working directory
-            env=env,
-            stdout=log_file,
-            stderr=log_file,
         )
-        server = Server(proc, log_file)
         servers.append(server)
-
-        def listening() -> int:
-            assert proc.poll() is None, f"gunicorn exited with {proc.returncode}"
-            found = re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", server.log())
-            return int(found.group(1)) if found else 0
-
-        server.port = wait_until(listening, 30.0, "gunicorn to listen", interval=0.05)
         return server
 
     yield start
     for server in servers:
-        if server.proc.poll() is None:
-            server.proc.send_signal(signal.SIGTERM)
-            try:
-                server.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                server.proc.kill()
-                server.proc.wait(10.0)
-        # Shown by pytest when the test failed (captured output of the teardown).
-        print(f"---- gunicorn log (exit {server.proc.returncode}) ----\n{server.log()}")
-        server.log_file.close()
-
-
-def leased_keys(dsn: str, schema: str, store: str) -> list[str]:
-    engine = sa.create_engine(db.resolve_url(dsn), poolclass=sa.NullPool)
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(
-                sa.text(f'SELECT key FROM "{schema}".locks WHERE store = :store ORDER BY key'),
-                {"store": store},
-            )
-            return [row[0] for row in rows]
-    finally:
-        engine.dispose()
+        shutdown(server)
 
 
 @pytest.mark.parametrize(
