@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import cachetools
 import sqlalchemy as sa
 
-from . import db
+from . import _process, db
 from . import migrations as migrations_module
 from ._background import Autosave, HandOver, Heartbeat, Prune, Worker
 from ._leasing import Leases
@@ -110,6 +110,7 @@ class StoreCore:
             core.closing = True
             core._stop_threads()
             raise
+        _process.track_core(core)
         return core
 
     def _start(self, engine: sa.Engine) -> None:
@@ -153,6 +154,7 @@ class StoreCore:
         never joined by itself (the lane ends after the callback returns).
         """
         self.closing = True
+        _process.untrack_core(self)
         entries = self.table.close_all()
         if self.scheduler is not None:
             self.scheduler.stop(timeout=30.0)

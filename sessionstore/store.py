@@ -140,6 +140,7 @@ class Store(Generic[T]):
 
     def _open_core(self) -> StoreCore:
         """This process's core (a forked child opens its own on first use)."""
+        _process.check_pid()
         core = self._core
         if core is not None and not self._closed:
             return core

@@ -19,12 +19,14 @@ it (SIGKILL) if it hangs, so a hang fails the test instead of blocking it.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import json
 import logging
 import multiprocessing
 import os
 import random
 import signal
+import subprocess
 import sys
 import time
 import traceback
@@ -176,9 +178,13 @@ def _child_main(body: Callable[[], dict[str, Any]], report: Path) -> NoReturn:
             os._exit(code)
 
 
-def fork(body: Callable[[], dict[str, Any]], report: Path) -> int:
-    """Fork a child running ``body`` (see :func:`_child_main`); its pid."""
-    pid = os.fork()
+def fork(body: Callable[[], dict[str, Any]], report: Path, *, hooks: bool = True) -> int:
+    """Fork a child running ``body`` (see :func:`_child_main`); its pid.
+
+    ``hooks=False`` forks the way uWSGI does without ``lazy-apps``: libc's
+    fork(), so Python's ``os.register_at_fork`` hooks never run in the child.
+    """
+    pid = os.fork() if hooks else ctypes.CDLL(None).fork()
     if pid == 0:
         _child_main(body, report)
     return pid
@@ -489,3 +495,86 @@ def test_child_large_save_after_the_parent_did_one_does_not_hang(
     store.update("big-p", add_coins(1))
     store.save("big-p")
     assert store.peek("big-p") == {"coins": 1, "inventory": parent_items}
+
+
+def _pool_change(key: str) -> str:
+    """In a pool worker: load a key and change it, unsaved; the worker's exit must save it."""
+    assert _INHERITED is not None
+    _INHERITED.load(key)
+    _INHERITED.update(key, add_coins(5))
+    return _INHERITED.holder
+
+
+def test_pool_worker_exit_saves_and_releases_its_keys(
+    make_store: MakeStore, observer: Observer
+) -> None:
+    """multiprocessing (and Celery's billiard) children end with os._exit(), skipping atexit:
+    their Stores are closed by the pool's own exit finalizers instead."""
+    global _INHERITED
+    store = make_store(lock_refresh_interval=0.5)
+    _INHERITED = store
+    try:
+        context = multiprocessing.get_context("fork")
+        pool = context.Pool(1)
+        try:
+            holder = pool.apply_async(_pool_change, ("pooled",)).get(timeout=CHILD_TIMEOUT)
+        finally:
+            pool.close()  # workers exit normally (not terminate(): that is SIGTERM)
+            pool.join()
+    finally:
+        _INHERITED = None
+    assert holder != store.holder
+    assert store.peek("pooled") == {"coins": 5, "inventory": []}, "the change was saved"
+    assert observer.lease("pooled") is None, "the lease was released at the worker's exit"
+
+
+def test_a_fork_without_pythons_hooks_is_caught_by_the_pid(
+    make_store: MakeStore, observer: Observer, tmp_path: Path
+) -> None:
+    """uWSGI forks workers without Python's fork hooks (unless lazy-apps or
+    py-call-osafterfork): the Store notices the new pid on its next call."""
+    store = make_store(lock_refresh_interval=0.5, on_handoff_request=lambda key: False)
+    store.load("p")
+    parent_holder = store.holder
+    lease_before = observer.lease("p")
+
+    def child() -> dict[str, Any]:
+        store.load("c")  # the first call that does I/O sees the new pid
+        store.update("c", add_coins(2))
+        store.save("c")
+        return {"holder": store.holder}
+
+    report = tmp_path / "child.json"
+    result = wait_child(fork(child, report, hooks=False), report)
+    assert result["holder"] != parent_holder
+    assert store.peek("c") == {"coins": 2, "inventory": []}
+    assert observer.lease("c") is None
+    assert observer.lease("p") == lease_before, "the parent's lease was left alone"
+    store.update("p", add_coins(1))
+    store.save("p")
+
+
+def test_a_store_dropped_without_close_is_closed_at_exit(
+    sessionstore_dsn: str, sessionstore_schema: str, store_name: str, observer: Observer
+) -> None:
+    """A Store garbage-collected before close() still saves and releases at exit."""
+    script = f"""
+import gc, sessionstore as ss
+store = ss.Store({store_name!r}, {{"coins": 0}}, dsn={sessionstore_dsn!r},
+                 db_schema={sessionstore_schema!r})
+store.load("dropped")
+store.update("dropped", lambda d: d.update(coins=7) is None)
+del store
+gc.collect()
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    assert observer.lease("dropped") is None
+    with observer.engine.connect() as conn:
+        versions = conn.execute(
+            sa.text(
+                f'SELECT count(*) FROM "{sessionstore_schema}".versions '
+                "WHERE store = :s AND key = 'dropped'"
+            ),
+            {"s": store_name},
+        ).scalar()
+    assert versions == 1

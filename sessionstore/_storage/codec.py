@@ -12,7 +12,6 @@ in a forked child (see docs/architecture.md, "Processes").
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
 import zlib
 from collections.abc import Iterator, Sequence
@@ -29,6 +28,7 @@ __all__ = [
     "CODEC_ZSTD",
     "EncodedFile",
     "FileSettings",
+    "after_fork",
     "compress_stream",
     "decode_file",
     "encode_file",
@@ -60,7 +60,7 @@ class FileSettings:
         Small documents use this thread's cached single-threaded context.
         Large ones get a context of their own with zstd's worker threads (C
         threads, one per core): not cached, since a context whose threads did
-        not survive a fork hangs when it is freed (see :func:`_after_fork`).
+        not survive a fork hangs when it is freed (see :func:`after_fork`).
         The output is the same single frame either way.
         """
         if raw_size >= self.threaded_compression_threshold:
@@ -102,7 +102,7 @@ def _threaded(level: int) -> Iterator[zstandard.ZstdCompressor]:
             _threaded_in_use.discard(cctx)
 
 
-def _after_fork() -> None:
+def after_fork() -> None:
     """In a forked child: forget the parent's zstd contexts, never free a threaded one.
 
     A multi-threaded context in use by another thread at the fork has worker
@@ -116,9 +116,6 @@ def _after_fork() -> None:
     _threaded_in_use = set()
     _threaded_lock = threading.Lock()
     _local = threading.local()
-
-
-os.register_at_fork(after_in_child=_after_fork)
 
 
 def _compressor(level: int) -> zstandard.ZstdCompressor:

@@ -67,7 +67,13 @@ def check_settings(value: object, databases: Mapping[str, Any]) -> list[checks.C
         if message is not None:
             messages.append(message)
     elif config.dsn is not None:
-        dsn = config.dsn
+        try:  # once here, not in every store's message
+            db.parse_dsn(config.dsn)
+            dsn = config.dsn
+        except ss.SessionStoreError as exc:
+            messages.append(
+                checks.Error(f"{SETTING}['DSN']: {exc}", id="sessionstore.E002", obj=SETTING)
+            )
     for name in config.stores:
         try:
             config.store_config(name, dsn)
@@ -83,11 +89,6 @@ def check_settings(value: object, databases: Mapping[str, Any]) -> list[checks.C
                     obj=SETTING,
                 )
             )
-    if config.dsn is not None and not config.stores:
-        try:  # checked with the stores' options otherwise
-            db.parse_dsn(config.dsn)
-        except ss.SessionStoreError as exc:
-            messages.append(checks.Error(f"{SETTING}['DSN']: {exc}", id="sessionstore.E002"))
     if not any(m.id in ("sessionstore.E001", "sessionstore.E002") for m in messages):
         messages.extend(_pooling(config, dsn, databases))
     return messages
