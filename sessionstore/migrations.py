@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import MigrationError
+from .errors import ArgumentTypeError, InvalidArgumentError, MigrationError
 from .frozen import freeze, thaw
 
 __all__ = ["MigrationStep", "add_fields", "apply", "check_steps", "pending", "transform"]
@@ -33,9 +33,11 @@ class MigrationStep:
 
 def add_fields(name: str, fields: dict[str, Any]) -> MigrationStep:
     """A step that adds ``fields`` (deep-copied) to a dict document, keeping existing values."""
+    if not isinstance(name, str):
+        raise ArgumentTypeError(f"a migration step name must be a str, not {type(name).__name__}")
+    if not isinstance(fields, dict):
+        raise ArgumentTypeError("add_fields() needs a dict of field defaults")
     defaults = freeze(fields)
-    if not isinstance(defaults, dict):
-        raise TypeError("add_fields() needs a dict of field defaults")
 
     def add(data: Any) -> Any:
         if not isinstance(data, dict):
@@ -51,10 +53,21 @@ def add_fields(name: str, fields: dict[str, Any]) -> MigrationStep:
 
 
 def transform(name: str, fn: Callable[[Any], Any]) -> MigrationStep:
-    """A step that replaces the data with ``fn(data)``; ``fn`` may also change it in place."""
+    """A step that replaces the data with ``fn(data)``.
+
+    ``fn`` gets a plain mutable copy; it returns the new data, or changes the
+    copy in place and returns ``None`` (the changed copy is then the new data).
+    """
+    if not isinstance(name, str):
+        raise ArgumentTypeError(f"a migration step name must be a str, not {type(name).__name__}")
     if not callable(fn):
-        raise TypeError("transform() needs a callable")
-    return MigrationStep(name, fn)
+        raise ArgumentTypeError("transform() needs a callable")
+
+    def run(data: Any) -> Any:
+        result = fn(data)
+        return data if result is None else result
+
+    return MigrationStep(name, run)
 
 
 def check_steps(steps: Iterable[MigrationStep]) -> tuple[MigrationStep, ...]:
@@ -63,14 +76,14 @@ def check_steps(steps: Iterable[MigrationStep]) -> tuple[MigrationStep, ...]:
     seen: set[str] = set()
     for step in checked:
         if not isinstance(step, MigrationStep):
-            raise TypeError(
+            raise ArgumentTypeError(
                 "migrations must be built with add_fields() or transform(), "
                 f"got {type(step).__name__}"
             )
         if not isinstance(step.name, str) or not step.name:
-            raise ValueError("a migration step needs a non-empty str name")
+            raise InvalidArgumentError("a migration step needs a non-empty str name")
         if step.name in seen:
-            raise ValueError(f"migration step name {step.name!r} is used twice")
+            raise InvalidArgumentError(f"migration step name {step.name!r} is used twice")
         seen.add(step.name)
     return checked
 

@@ -285,3 +285,29 @@ def test_malformed_steps_are_rejected(make_store: Callable[..., ss.Store]) -> No
         ss.transform("not callable", 42)  # type: ignore[arg-type]
     with pytest.raises(ss.InvalidDataError):
         ss.add_fields("not json", {"a": {1, 2}})
+
+
+def test_a_transform_that_changes_in_place_and_returns_none_keeps_the_change(
+    make_store: Callable[..., ss.Store],
+) -> None:
+    """``transform`` may change the copy in place; returning None must not make it null."""
+
+    def rename(data: Any) -> None:
+        data["gold"] = data.pop("coins")
+
+    old = make_store(template={"coins": 0})
+    old.load("k")
+    old.update("k", lambda d: d.update(coins=5) is None)
+    old.unload("k")
+    new = make_store(template={"gold": 0}, migrations=[ss.transform("rename", rename)])
+    new.load("k")
+    assert new.get("k") == {"gold": 5}
+
+
+@pytest.mark.parametrize(
+    "build",
+    [lambda: ss.add_fields("x", [1]), lambda: ss.transform("x", 1), lambda: ss.add_fields(1, {})],
+)
+def test_bad_migration_steps_are_argument_type_errors(build: Callable[[], Any]) -> None:
+    with pytest.raises(ss.ArgumentTypeError):
+        build()
