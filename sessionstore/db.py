@@ -139,9 +139,22 @@ def _from_keyvalue(dsn: str) -> URL:
         raise InvalidArgumentError(f"cannot parse the connection string: {_KEYVALUE_HELP}")
     params = {k: str(v) for k, v in parsed.items() if v is not None}
     host = params.pop("host", None)
-    query = {k: v for k, v in params.items() if k not in _KV_URL_PARTS}
-    if host is not None and (host.startswith("/") or "," in host):
-        query["host"] = host  # socket directory or multi-host: keep it as libpq does
+    query: dict[str, str | list[str]] = {k: v for k, v in params.items() if k not in _KV_URL_PARTS}
+    if host is not None and "," in host:
+        # Several hosts: SQLAlchemy's psycopg dialect takes them as repeated
+        # host=name:port query entries (a port list of one applies to all).
+        ports = params.pop("port", "").split(",")
+        hosts = host.split(",")
+        if len(ports) == 1:
+            ports *= len(hosts)
+        if len(ports) != len(hosts):
+            raise InvalidArgumentError(
+                "the connection string has a different number of hosts and ports"
+            )
+        query["host"] = [f"{h}:{p}" if p else h for h, p in zip(hosts, ports, strict=True)]
+        host = None
+    elif host is not None and host.startswith("/"):
+        query["host"] = host  # a socket directory: keep it as libpq does
         host = None
     if "password" in params and "user" not in params:
         query["password"] = params["password"]  # a URL cannot carry a password without a user
@@ -310,7 +323,11 @@ def create_engine(
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=False,
-        connect_args={"application_name": application_name, "connect_timeout": 10},
+        # Defaults only: an application_name or connect_timeout in the DSN wins.
+        connect_args={
+            "fallback_application_name": application_name,
+            **({} if "connect_timeout" in url.query else {"connect_timeout": 10}),
+        },
         **({"isolation_level": "AUTOCOMMIT"} if autocommit else {}),
     )
 

@@ -1,0 +1,1 @@
+"""A Django project with one sessionstore store, ``counters``: one session per request."""
