@@ -160,10 +160,15 @@ class StoreCore:
             self.scheduler.stop(timeout=30.0)
         self.worker.stop(timeout=60.0)
         deadline = time.monotonic() + self.config.retry_timeout + 5.0
+        me = threading.get_ident()
         for entry in entries:
-            if entry.state is KeyState.LOADING:
+            # Not a load of this very thread (close() from import_legacy_data, say).
+            if entry.state is KeyState.LOADING and entry.loader != me:
                 self.table.wait_settled(entry, max(0.0, deadline - time.monotonic()))
-        errors = self.saver.unload_all(entries)
+            elif entry.state is KeyState.UNLOADING and entry.session is not None:
+                with entry.session.queue.turn():
+                    pass  # another thread's final save: done, or the key is LIVE again
+        errors = self.saver.unload_all(self.table.entries(*KeyState))
         self.table.clear()
         self.lane.stop(timeout=30.0)
         if self.control is not None:

@@ -50,6 +50,8 @@ class Leases:
                 self._lose_if_overdue(entry, "lease expired while the database was unreachable")
             return
         for entry, token in held:
+            if entry.state is KeyState.LOADING and renewal.renewed.get(entry.key) == token:
+                entry.confirmed_at = started  # no session yet: it takes this over
             if entry.state is not KeyState.LIVE or entry.session is None:
                 continue  # loading (no session yet) or unloading (released on purpose)
             if renewal.renewed.get(entry.key) == token:

@@ -63,9 +63,12 @@ class Loader:
                 core.rules.views.forget(session)
                 raise self._cancelled(entry)
         except BaseException as exc:
-            core.release_quietly([(key, token)])
-            core.table.fail_load(entry, exc)
+            try:
+                core.release_quietly([(key, token)])
+            finally:
+                core.table.fail_load(entry, exc)
             raise
+        session.confirm_lease(entry.confirmed_at)  # renewed by the heartbeat while loading
         core.log(logging.DEBUG, key, "loaded with token %s at version %s", token, session.version)
         if core.config.changed_callbacks:
             core.fire_changed(key, session.data, None)
@@ -87,9 +90,11 @@ class Loader:
             core.table.fail_load(entry, exc)
             raise
         if not core.table.lease_taken(entry, token):
-            core.release_quietly([(key, token)])
             error = self._cancelled(entry)
-            core.table.fail_load(entry, error)
+            try:
+                core.release_quietly([(key, token)])
+            finally:
+                core.table.fail_load(entry, error)
             raise error
         return entry
 
@@ -109,10 +114,10 @@ class Loader:
         seen_dead: dict[tuple[str, int], float] = {}
         asked: dict[tuple[str, int], float] = {}
         while True:
+            entry.wakeup.clear()  # before the check: a cancel right after it still wakes us
             if entry.cancelled is not None:
                 raise self._cancelled(entry)
             started = time.monotonic()
-            entry.wakeup.clear()
             token = core.repo.acquire(key, config.lock_duration, liveness=core.liveness, dead=dead)
             if token is not None:
                 if dead is not None:

@@ -45,6 +45,7 @@ class KeyEntry:
     __slots__ = (
         "cancelled",
         "closed_reason",
+        "confirmed_at",
         "error",
         "explicit",
         "in_tx",
@@ -66,6 +67,8 @@ class KeyEntry:
         self.session: Session | None = None
         self.token: int | None = None
         """The lease token, from the moment the lease is taken."""
+        self.confirmed_at = 0.0
+        """``time.monotonic()`` of the last renewal while loading (the session takes it over)."""
         self.users = 0
         """Open ``session()`` blocks."""
         self.user_threads: dict[int, int] = {}

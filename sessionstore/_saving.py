@@ -135,6 +135,15 @@ class Saver:
                 self._core.log(
                     logging.DEBUG, None, "autosaved %d keys, %d failed", len(taken), len(errors)
                 )
+            # Keys that only session() blocks used, whose last block's final save
+            # failed: saved now, so let them go (nobody else would).
+            idle = [
+                e
+                for e in self._core.table.entries(KeyState.LIVE)
+                if e.users <= 0 and not e.explicit and e.session is not None and e.session.saved
+            ]
+            if idle:
+                self.unload(idle, last_user=True, reason="autosave")
 
     # -- unload ---------------------------------------------------------------------
 
@@ -154,6 +163,7 @@ class Saver:
         """
         core = self._core
         sessions = [e.session for e in entries if e.session is not None]
+        errors: dict[str, Exception] = {}
         with turns(sessions):
             started: list[Session] = []
             for session in sessions:
@@ -162,12 +172,30 @@ class Saver:
                         session.entry, only_unused=last_user, users_only=handoff_to is not None
                     ):
                         started.append(session)
-            errors = self.save_held(started, "handoff" if handoff_to else reason)
-            done = [s for s in started if s.key not in errors]
-            self._let_go(done, handoff_to)
-            for session in started:
-                self._finish_unload(session, errors.get(session.key), handoff_to is not None)
+                    elif last_user and self._lost_unsaved(session):
+                        errors[session.key] = self.unsaved_error(session)
+            finished: set[str] = set()
+            try:
+                errors.update(self.save_held(started, "handoff" if handoff_to else reason))
+                done = [s for s in started if s.key not in errors]
+                self._let_go(done, handoff_to)
+                for session in started:
+                    self._finish_unload(session, errors.get(session.key), handoff_to is not None)
+                    finished.add(session.key)
+            finally:
+                for session in started:  # interrupted (KeyboardInterrupt): keep them loaded
+                    if session.key not in finished:
+                        core.table.end_unload(session.entry, done=False)
         return errors
+
+    def _lost_unsaved(self, session: Session) -> bool:
+        """The last block out found its key's session closed with changes never written:
+        forget the key and report it (it must not surface only at ``close()``)."""
+        entry = session.entry
+        if entry.state is not KeyState.CLOSED or session.saved:
+            return False
+        self._core.table.forget(entry)
+        return True
 
     def _let_go(self, done: Sequence[Session], handoff_to: str | None) -> None:
         core = self._core
@@ -254,8 +282,9 @@ class Saver:
             core.table.wait_settled(entry)
             entry = core.table.get(key)
         if entry is not None and entry.session is not None and entry.state is KeyState.LIVE:
-            self._erase_live(entry, entry.session)
-            return
+            if self._erase_live(entry, entry.session):
+                return
+            entry = core.table.get(key)  # unloaded or lost meanwhile: erase it as not held
         if entry is not None and entry.state is KeyState.CLOSED:
             core.table.forget(entry)
         # Not held here: take its lease as a load would (concurrent loads wait).
@@ -263,17 +292,20 @@ class Saver:
         try:
             self._erase_with(key, entry.token)
         except BaseException:
-            core.release_quietly([(key, entry.token or 0)])
+            try:
+                core.release_quietly([(key, entry.token or 0)])
+            finally:
+                core.table.fail_load(entry, None)
             raise
-        finally:
-            core.table.fail_load(entry, None)
+        core.table.fail_load(entry, None)
 
-    def _erase_live(self, entry: KeyEntry, session: Session) -> None:
+    def _erase_live(self, entry: KeyEntry, session: Session) -> bool:
+        """Erase a key held here under its own lease; False if it is no longer LIVE."""
         core = self._core
         with session.queue.turn():
             with session.cond:
                 if not core.table.begin_unload(entry):
-                    raise SessionClosedError(f"{core.describe(entry.key)}: session closed")
+                    return False
             try:
                 self._erase_with(entry.key, session.token)
             except LockLostError:
@@ -285,6 +317,7 @@ class Saver:
                 raise
             core.rules.views.forget(session)
             core.table.end_unload(entry, done=True, reason="erased")
+        return True
 
     def _erase_with(self, key: str, token: int | None) -> None:
         core = self._core

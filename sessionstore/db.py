@@ -445,6 +445,16 @@ def migrate_lock_key(schema: str) -> int:
 
 
 _ready_lock = threading.Lock()
+
+
+def _new_locks() -> None:
+    """In a forked child: fresh locks (another thread may have held one at the fork)."""
+    global _ready_lock, _revisions_lock
+    _ready_lock = threading.Lock()
+    _revisions_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_locks)
 _ready: set[tuple[str, str]] = set()
 
 

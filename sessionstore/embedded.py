@@ -29,6 +29,15 @@ _INSTALL_HINT = (
 )
 
 _lock = threading.Lock()
+
+
+def _new_lock() -> None:
+    """In a forked child: a fresh lock (another thread may have held it at the fork)."""
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock)
 _memo: dict[tuple[int, Path], str] = {}
 
 

@@ -366,6 +366,7 @@ class Session:
     def touch(self) -> None:
         """Mark the session dirty without a change (the next save writes a version)."""
         with self.cond:
+            self.check_open()
             self.change_seq += 1
 
     # -- transactions -----------------------------------------------------------

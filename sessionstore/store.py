@@ -365,28 +365,40 @@ class Store(Generic[T]):
         raised, so the call can be retried.
         """
         core = self._begin("unload", key)
-        entry = core.table.get(key)
-        if entry is None:
-            raise KeyNotLoadedError(f"store {self.name!r} key {key!r} is not loaded")
-        if entry.state is KeyState.LOADING:
-            self._cancel_load(core, entry, "unload() was called")
-        elif entry.state is KeyState.CLOSED:
-            core.table.forget(entry)
-            if entry.session is not None and not entry.session.saved:
-                raise core.saver.unsaved_error(entry.session)
-        elif entry.state is KeyState.UNLOADING and entry.session is not None:
-            with entry.session.queue.turn():
-                pass  # another thread's unload of it: done once it has the turn back
-        elif core.table.drop_explicit(entry):
-            errors = core.saver.unload([entry], last_user=True)
-            if key in errors:
-                raise errors[key]
+        first = True
+        while True:
+            entry = core.table.get(key)
+            if entry is None:
+                if first:
+                    raise KeyNotLoadedError(f"store {self.name!r} key {key!r} is not loaded")
+                return  # another thread's unload of it finished
+            first = False
+            if entry.state is KeyState.LOADING:
+                if self._cancel_load(core, entry, "unload() was called"):
+                    return
+            elif entry.state is KeyState.CLOSED:
+                core.table.forget(entry)
+                if entry.session is not None and not entry.session.saved:
+                    raise core.saver.unsaved_error(entry.session)
+                return
+            elif entry.state is KeyState.UNLOADING and entry.session is not None:
+                with entry.session.queue.turn():
+                    pass  # another thread's unload: look again once it is done
+            else:
+                if core.table.drop_explicit(entry):
+                    errors = core.saver.unload([entry], last_user=True)
+                    if key in errors:
+                        raise errors[key]
+                return
 
-    def _cancel_load(self, core: StoreCore, entry: KeyEntry, reason: str) -> None:
+    def _cancel_load(self, core: StoreCore, entry: KeyEntry, reason: str) -> bool:
+        """Cancel a running load and wait for it; False if it had finished already."""
         if entry.loader == threading.get_ident():
             raise LoadInProgressError(f"store {self.name!r} key {entry.key!r} is loading")
-        core.table.cancel(entry.key, reason)
+        if core.table.cancel(entry.key, reason) is None:
+            return False
         core.table.wait_settled(entry)
+        return True
 
     def close(self) -> None:
         """Cancel running loads, unload every key (errors raised together), stop threads.
