@@ -25,7 +25,7 @@ from . import migrations as migrations_module
 from ._background import Autosave, HandOver, Heartbeat, Prune, Worker
 from ._leasing import Leases
 from ._loading import Loader
-from ._registry import KeyState, KeyTable
+from ._registry import KeyState, KeyTable, wake
 from ._saving import Saver
 from ._storage import FileSettings, Repository, Retention
 from ._storage.leases import parse_handoff_request
@@ -206,7 +206,7 @@ class StoreCore:
         """A key of this store was released or handed over: wake a loader waiting for it."""
         entry = self.table.get(key)
         if entry is not None and entry.state is KeyState.LOADING:
-            entry.wakeup.set()
+            wake(entry)
 
     def on_handoff_request(self, payload: str) -> None:
         parsed = parse_handoff_request(payload)

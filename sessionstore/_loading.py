@@ -113,8 +113,10 @@ class Loader:
         dead: LeaseInfo | None = None
         seen_dead: dict[tuple[str, int], float] = {}
         asked: dict[tuple[str, int], float] = {}
+        wakeup = entry.wakeup
+        assert wakeup is not None, "a loading entry has its wakeup event"
         while True:
-            entry.wakeup.clear()  # before the check: a cancel right after it still wakes us
+            wakeup.clear()  # before the check: a cancel right after it still wakes us
             if entry.cancelled is not None:
                 raise self._cancelled(entry)
             started = time.monotonic()
@@ -156,7 +158,7 @@ class Loader:
                     f"{core.describe(key)} is held{where}; "
                     f"gave up after lock_timeout={config.lock_timeout}s"
                 )
-            entry.wakeup.wait(delay)  # a NOTIFY that the key is free, or a cancel, wakes it
+            wakeup.wait(delay)  # a NOTIFY that the key is free, or a cancel, wakes it
 
     # -- the data -------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from .errors import LoadInProgressError, StoreClosedError
 if TYPE_CHECKING:
     from .session import Session
 
-__all__ = ["KeyEntry", "KeyState", "KeyTable"]
+__all__ = ["KeyEntry", "KeyState", "KeyTable", "wake"]
 
 
 class KeyState(enum.Enum):
@@ -86,11 +86,19 @@ class KeyEntry:
         self.cancelled: str | None = None
         """Why a running load was cancelled (unload, erase, close)."""
         self.closed_reason: str | None = None
-        self.wakeup = threading.Event()
-        """Set to wake the loader early: a cancel, or a NOTIFY that the key is free."""
+        self.wakeup: threading.Event | None = threading.Event()
+        """Set to wake the loader early: a cancel, or a NOTIFY that the key is free.
+        Only while loading (an Event costs about 1 KiB: not kept per loaded key)."""
 
     def __repr__(self) -> str:
         return f"<KeyEntry {self.key!r} {self.state.value} users={self.users}>"
+
+
+def wake(entry: KeyEntry) -> None:
+    """Wake the loader of a loading key (a no-op once it is loaded)."""
+    wakeup = entry.wakeup
+    if wakeup is not None:
+        wakeup.set()
 
 
 class KeyTable:
@@ -190,6 +198,7 @@ class KeyTable:
                 return False
             entry.session = session
             entry.state = KeyState.LIVE
+            entry.wakeup = None
             self._changed.notify_all()
             return True
 
@@ -213,7 +222,7 @@ class KeyTable:
             if entry is None or entry.state is not KeyState.LOADING:
                 return None
             entry.cancelled = entry.cancelled or reason
-        entry.wakeup.set()
+        wake(entry)
         return entry
 
     def wait_settled(self, entry: KeyEntry, timeout: float | None = None) -> bool:
@@ -337,7 +346,7 @@ class KeyTable:
             for entry in everything:
                 if entry.state is KeyState.LOADING:
                     entry.cancelled = entry.cancelled or "the store is closing"
-                    entry.wakeup.set()
+                    wake(entry)
             return everything
 
     def clear(self) -> None:
