@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import enum
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from .errors import LoadInProgressError, StoreClosedError
@@ -306,14 +306,26 @@ class KeyTable:
 
     def end_unload(self, entry: KeyEntry, *, done: bool, reason: str = "unloaded") -> None:
         """UNLOADING -> removed (``done``) or back to LIVE (the final save failed)."""
+        if done:
+            self.end_unloads([entry], reason=reason)
+            return
         with self._lock:
             if entry.state is KeyState.UNLOADING:
-                if done:
+                entry.state = KeyState.LIVE
+            self._changed.notify_all()
+
+    def end_unloads(self, entries: Sequence[KeyEntry], *, reason: str = "unloaded") -> None:
+        """Unloads that are done: UNLOADING (or CLOSED meanwhile, lease lost) -> removed.
+
+        One lock and one wake-up for a whole batch (``close()`` of 10,000 keys).
+        """
+        with self._lock:
+            for entry in entries:
+                if entry.state is KeyState.UNLOADING:
                     entry.state = KeyState.CLOSED
                     entry.closed_reason = reason
+                if entry.state is KeyState.CLOSED:
                     self._remove(entry)
-                else:
-                    entry.state = KeyState.LIVE
             self._changed.notify_all()
 
     def close(self, entry: KeyEntry, reason: str, *, keep: bool = True) -> bool:

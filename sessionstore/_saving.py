@@ -174,17 +174,16 @@ class Saver:
                         started.append(session)
                     elif last_user and self._lost_unsaved(session):
                         errors[session.key] = self.unsaved_error(session)
-            finished: set[str] = set()
+            finished = False
             try:
                 errors.update(self.save_held(started, "handoff" if handoff_to else reason))
                 done = [s for s in started if s.key not in errors]
                 self._let_go(done, handoff_to)
-                for session in started:
-                    self._finish_unload(session, errors.get(session.key), handoff_to is not None)
-                    finished.add(session.key)
+                self._finish_unloads(started, errors, tombstone=handoff_to is not None)
+                finished = True
             finally:
-                for session in started:  # interrupted (KeyboardInterrupt): keep them loaded
-                    if session.key not in finished:
+                if not finished:  # interrupted (KeyboardInterrupt): keep them loaded
+                    for session in started:
                         core.table.end_unload(session.entry, done=False)
         return errors
 
@@ -209,17 +208,24 @@ class Saver:
                 core.log(logging.WARNING, session.key, "handover failed, releasing: %s", exc)
         core.release_quietly([(s.key, s.token) for s in done])
 
-    def _finish_unload(self, session: Session, error: Exception | None, tombstone: bool) -> None:
-        core, entry = self._core, session.entry
-        if error is not None and not isinstance(error, LockLostError | SessionClosedError):
-            core.table.end_unload(entry, done=False)  # still loaded, data kept
-            return
-        core.rules.views.forget(session)
-        if tombstone:  # later calls raise SessionClosedError until load() again
-            core.table.close(entry, "handed over to another process")
-            return
-        core.table.end_unload(entry, done=True)
-        core.table.forget(entry)
+    def _finish_unloads(
+        self, started: Sequence[Session], errors: dict[str, Exception], *, tombstone: bool
+    ) -> None:
+        """After the final saves: failed ones stay LIVE (data kept, the caller may
+        retry); the rest go (a handoff's stays as a tombstone: SessionClosedError)."""
+        core = self._core
+        gone: list[KeyEntry] = []
+        for session in started:
+            error = errors.get(session.key)
+            if error is not None and not isinstance(error, LockLostError | SessionClosedError):
+                core.table.end_unload(session.entry, done=False)
+                continue
+            core.rules.views.forget(session)
+            if tombstone:
+                core.table.close(session.entry, "handed over to another process")
+            else:
+                gone.append(session.entry)
+        core.table.end_unloads(gone)
 
     def unload_all(self, entries: Sequence[KeyEntry]) -> dict[str, Exception]:
         """``close()``: every key, in batches; closed keys with unsaved changes reported."""
