@@ -87,8 +87,13 @@ def thread_count() -> int:
     return threading.active_count()
 
 
-def in_thread(call: Callable[[], object]) -> tuple[threading.Thread, list[BaseException | None]]:
-    """Start ``call`` on a thread; the list gets ``None`` or what it raised when it ends."""
+def in_thread(
+    call: Callable[[], object], *, daemon: bool = False
+) -> tuple[threading.Thread, list[BaseException | None]]:
+    """Start ``call`` on a thread; the list gets ``None`` or what it raised when it ends.
+
+    ``daemon``: a thread left hanging (the defect a test looks for) never blocks pytest.
+    """
     outcome: list[BaseException | None] = []
 
     def run() -> None:
@@ -98,7 +103,7 @@ def in_thread(call: Callable[[], object]) -> tuple[threading.Thread, list[BaseEx
         except BaseException as exc:
             outcome.append(exc)
 
-    thread = threading.Thread(target=run)
+    thread = threading.Thread(target=run, daemon=daemon)
     thread.start()
     return thread, outcome
 

@@ -138,7 +138,7 @@ def test_load_of_a_loaded_key_is_a_noop(make_store: Callable[..., ss.Store]) -> 
 def test_concurrent_load_of_the_same_key_waits_and_shares_the_outcome(
     make_store: Callable[..., ss.Store],
 ) -> None:
-    """docs/api.md, "Calls" (a changed contract): another thread's load of a loading key waits for it.
+    """A changed contract (docs/api.md, "Calls"): another thread's load of a loading key waits.
 
     It used to raise LoadInProgressError; now the second load returns once the
     first is done, having loaded nothing itself (one legacy import, one lease),

@@ -1,4 +1,4 @@
-"""How documents are stored (docs/architecture.md, "Storage"): inline or sharded, raw or zstd, checksummed.
+"""How documents are stored (docs/architecture.md, "Storage"): inline or sharded, zstd or raw.
 
 Every test runs against a real PostgreSQL and checks the rows the store wrote,
 not only what the API hands back: sizes across the inline threshold and shard

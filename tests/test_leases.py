@@ -175,7 +175,7 @@ def test_stalled_holder_loses_lease_to_new_holder_and_writes_nothing(
 
     with pytest.raises(ss.LockLostError):
         a.save("k")
-    # on_lock_lost runs on the callback lane (docs/architecture.md, "Threads"), so it may come just after.
+    # on_lock_lost runs on the callback lane (docs/architecture.md, "Threads"): just after.
     wait_until(lambda: lost == ["k"], 5, "on_lock_lost")
     for call in (
         lambda: a.get("k"),

@@ -1,4 +1,4 @@
-"""One key lifecycle for threads, cancellation and callbacks (docs/architecture.md), on a real server.
+"""One key lifecycle for threads, cancellation and callbacks (docs/architecture.md).
 
 Each test is one of the failures a real server showed on the code before the
 key registry: threads of one process sharing a key, loads cancelled by

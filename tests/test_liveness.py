@@ -1,4 +1,4 @@
-"""Liveness and waking (docs/architecture.md): the failures a real deployment showed before the rework.
+"""Liveness and waking (docs/architecture.md): what a real deployment broke before the rework.
 
 A control connection that flaps must not get its holder robbed; a lease row
 an operator keeps locked puts only that key at risk; a release that races a

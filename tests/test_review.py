@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import Sql, wait_until
+from conftest import Sql, in_thread, wait_until
 
 import sessionstore as ss
 from sessionstore._registry import KeyState
@@ -25,19 +25,7 @@ def inc(data: dict[str, Any]) -> bool:
 
 
 def daemon(call: Callable[[], object]) -> tuple[threading.Thread, list[BaseException | None]]:
-    """Like conftest.in_thread, but a daemon: a thread left hanging never blocks pytest."""
-    outcome: list[BaseException | None] = []
-
-    def run() -> None:
-        try:
-            call()
-            outcome.append(None)
-        except BaseException as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, outcome
+    return in_thread(call, daemon=True)
 
 
 def write_waiting(sql: Sql) -> bool:
