@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import pytest
 import sqlalchemy as sa
 from conftest import wait_until
 
@@ -169,3 +170,13 @@ def leased_keys(dsn: str, schema: str, store: str) -> list[str]:
             return [row[0] for row in rows]
     finally:
         engine.dispose()
+
+
+EXAMPLE_MODES = [
+    pytest.param(3, ["--preload"], id="sync-preload"),
+    pytest.param(
+        2, ["--preload", "--worker-class", "gthread", "--threads", "4"], id="gthread-preload"
+    ),
+    pytest.param(3, [], id="sync"),
+]
+"""The three ways the example apps are served: (workers, extra gunicorn options)."""

@@ -33,6 +33,7 @@ import sqlalchemy as sa
 from conftest import wait_until
 from django.core.exceptions import ImproperlyConfigured
 from gunicorn_helpers import (
+    EXAMPLE_MODES,
     ROOT,
     Response,
     Server,
@@ -775,16 +776,7 @@ def servers() -> Iterator[list[Server]]:
         shutdown(server)
 
 
-@pytest.mark.parametrize(
-    ("workers", "options"),
-    [
-        pytest.param(3, ["--preload"], id="sync-preload"),
-        pytest.param(
-            2, ["--preload", "--worker-class", "gthread", "--threads", "4"], id="gthread-preload"
-        ),
-        pytest.param(3, [], id="sync"),
-    ],
-)
+@pytest.mark.parametrize(("workers", "options"), EXAMPLE_MODES)
 def test_example_app_under_gunicorn(
     servers: list[Server],
     sessionstore_dsn: str,

@@ -47,6 +47,7 @@ import sqlalchemy as sa
 from conftest import Sql, wait_until
 from flask import Flask
 from gunicorn_helpers import (
+    EXAMPLE_MODES,
     ROOT,
     STOP_TIMEOUT,
     TESTS,
@@ -674,16 +675,7 @@ def stop_gracefully(server: Server, sessionstore_dsn: str, schema: str, store_na
     return log
 
 
-@pytest.mark.parametrize(
-    ("workers", "options"),
-    [
-        pytest.param(3, ["--preload"], id="sync-preload"),
-        pytest.param(
-            2, ["--preload", "--worker-class", "gthread", "--threads", "4"], id="gthread-preload"
-        ),
-        pytest.param(3, [], id="sync"),
-    ],
-)
+@pytest.mark.parametrize(("workers", "options"), EXAMPLE_MODES)
 def test_example_under_gunicorn_counts_every_acknowledged_increment(
     request: pytest.FixtureRequest,
     serve_example: Callable[..., Server],
