@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -180,3 +181,28 @@ EXAMPLE_MODES = [
     pytest.param(3, [], id="sync"),
 ]
 """The three ways the example apps are served: (workers, extra gunicorn options)."""
+
+
+def stop_gracefully(
+    server: Server,
+    dsn: str,
+    schema: str,
+    store: str,
+    bad: tuple[str, ...] = ("Traceback", "WORKER TIMEOUT", "[CRITICAL]"),
+) -> str:
+    """SIGTERM: gunicorn exits 0 in time, no lease is left behind, ``bad`` is not logged.
+
+    Returns gunicorn's log.
+    """
+    stopping = time.monotonic()
+    try:
+        code = stop(server)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"gunicorn still running {STOP_TIMEOUT}s after SIGTERM")
+    assert code == 0, f"gunicorn exited with {code}"
+    assert time.monotonic() - stopping < STOP_TIMEOUT
+    assert leased_keys(dsn, schema, store) == []
+    log = server.log()
+    for line in bad:
+        assert line not in log, f"gunicorn logged {line!r}"
+    return log

@@ -38,10 +38,9 @@ from gunicorn_helpers import (
     Response,
     Server,
     booted_workers,
-    leased_keys,
     shutdown,
     start,
-    stop,
+    stop_gracefully,
 )
 from gunicorn_helpers import request as send
 from psycopg.conninfo import conninfo_to_dict
@@ -848,8 +847,7 @@ def test_example_app_under_gunicorn(
     assert send(server, "GET", f"/count/{HOT_KEYS[0]}").body["count"] == acknowledged[HOT_KEYS[0]]
 
     # A graceful stop: every worker closes its Store at exit, no lease is left.
-    assert stop(server) == 0
-    assert leased_keys(sessionstore_dsn, sessionstore_schema, store_name) == []
+    stop_gracefully(server, sessionstore_dsn, sessionstore_schema, store_name)
     with ss.Store(
         store_name, {"count": 0}, dsn=sessionstore_dsn, db_schema=sessionstore_schema
     ) as mine:

@@ -30,7 +30,6 @@ import os
 import random
 import signal
 import statistics
-import subprocess
 import threading
 import time
 import uuid
@@ -49,13 +48,11 @@ from flask import Flask
 from gunicorn_helpers import (
     EXAMPLE_MODES,
     ROOT,
-    STOP_TIMEOUT,
     TESTS,
     Server,
     booted_workers,
-    leased_keys,
     shutdown,
-    stop,
+    stop_gracefully,
 )
 from gunicorn_helpers import request as http
 from gunicorn_helpers import start as start_gunicorn
@@ -657,22 +654,6 @@ def serve_example(
 def wait_ready(server: Server, workers: int) -> None:
     wait_until(lambda: booted_workers(server) >= workers, 30.0, f"{workers} workers to boot")
     wait_until(lambda: http(server, "GET", "/count/ready").status == 200, 30.0, "GET /count")
-
-
-def stop_gracefully(server: Server, sessionstore_dsn: str, schema: str, store_name: str) -> str:
-    """SIGTERM: gunicorn exits 0 in time, no lease left behind; its log."""
-    stopping = time.monotonic()
-    try:
-        code = stop(server)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"gunicorn still running {STOP_TIMEOUT}s after SIGTERM")
-    assert code == 0, f"gunicorn exited with {code}"
-    assert time.monotonic() - stopping < STOP_TIMEOUT
-    assert leased_keys(sessionstore_dsn, schema, store_name) == []
-    log = server.log()
-    for bad in ("Traceback", "WORKER TIMEOUT", "[CRITICAL]"):
-        assert bad not in log, f"gunicorn logged {bad!r}"
-    return log
 
 
 @pytest.mark.parametrize(("workers", "options"), EXAMPLE_MODES)

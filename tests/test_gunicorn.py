@@ -12,8 +12,6 @@ on SIGTERM gunicorn must stop promptly, every worker closing its Store at exit
 
 from __future__ import annotations
 
-import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,13 +20,12 @@ from pathlib import Path
 import pytest
 from conftest import wait_until
 from gunicorn_helpers import (
-    STOP_TIMEOUT,
     TESTS,
     Response,
     Server,
-    leased_keys,
     request,
     shutdown,
+    stop_gracefully,
 )
 from gunicorn_helpers import start as start_gunicorn
 
@@ -140,15 +137,10 @@ def test_gunicorn_workers_share_a_hot_key_without_losing_an_increment(
         assert mine.peek(f"own{index}") == {"count": OWN_PER_CLIENT}
 
     # SIGTERM: gunicorn stops promptly, its workers closing their Stores at exit.
-    stopping = time.monotonic()
-    server.proc.send_signal(signal.SIGTERM)
-    try:
-        code = server.proc.wait(STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"gunicorn still running {STOP_TIMEOUT}s after SIGTERM")
-    assert code == 0, f"gunicorn exited with {code}"
-    assert time.monotonic() - stopping < STOP_TIMEOUT
-    assert leased_keys(sessionstore_dsn, sessionstore_schema, store_name) == []
-    log = server.log()
-    for bad in ("Traceback", "[ERROR]", "[CRITICAL]", "WORKER TIMEOUT"):
-        assert bad not in log, f"gunicorn logged {bad!r}"
+    stop_gracefully(
+        server,
+        sessionstore_dsn,
+        sessionstore_schema,
+        store_name,
+        bad=("Traceback", "[ERROR]", "[CRITICAL]", "WORKER TIMEOUT"),
+    )
