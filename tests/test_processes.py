@@ -310,7 +310,7 @@ def test_stopped_holder_is_taken_over_and_cannot_write_after_resuming(
     assert answer["error"] in ("LockLostError", "SessionClosedError"), answer
     if answer["error"] == "SessionClosedError":
         assert "lease" in answer["message"], answer
-    assert holder.ok("lost") == ["k"]
+    wait_until(lambda: holder.ok("lost") == ["k"], 10.0, "on_lock_lost (run on the callback lane)")
     answer = holder.call("save", key="k")
     assert answer["ok"] is False and answer["error"] == "SessionClosedError", answer
 
@@ -331,7 +331,7 @@ def test_stopped_holder_is_taken_over_and_cannot_write_after_resuming(
     me.unload("k")
     holder.ok("load", key="k")
     assert holder.ok("get", key="k") == {"coins": 51}
-    assert holder.ok("lost") == ["k"]
+    wait_until(lambda: holder.ok("lost") == ["k"], 10.0, "on_lock_lost (run on the callback lane)")
 
 
 def test_save_in_flight_when_the_holder_froze_fails_the_fence(
@@ -410,7 +410,7 @@ def test_save_in_flight_when_the_holder_froze_fails_the_fence(
     answer = holder.receive()
     assert answer["ok"] is False, f"the stale holder's save was accepted: {answer}"
     assert answer["error"] == "LockLostError", answer
-    assert holder.ok("lost") == ["k"]
+    wait_until(lambda: holder.ok("lost") == ["k"], 10.0, "on_lock_lost (run on the callback lane)")
     rows = versions("k")
     assert [(v.version, v.token) for v in rows] == [(1, stale_token), (2, new_token)]
     assert me.peek("k") == {"coins": 50}
