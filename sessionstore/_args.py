@@ -28,6 +28,7 @@ from .errors import ArgumentTypeError, InvalidArgumentError, VersionNotFoundErro
 
 __all__ = [
     "INT64_MAX",
+    "MAX_REQUEST_ID_BYTES",
     "MAX_SECONDS",
     "check_bool",
     "check_callable",
@@ -35,6 +36,7 @@ __all__ = [
     "check_int",
     "check_limit",
     "check_positive_int",
+    "check_request_id",
     "check_seconds",
     "check_store_name",
     "check_timestamp",
@@ -224,4 +226,26 @@ def check_store_name(value: object, name: str = "name") -> str:
         _wrong_type(name, "a str", value)
     if not _STORE_NAME.fullmatch(value):
         _bad_value(name, "1..64 characters of [A-Za-z0-9_.:-]", value)
+    return value
+
+
+MAX_REQUEST_ID_BYTES = 512
+"""Longest idempotency key, in bytes of UTF-8 (as long as a document key)."""
+
+
+def check_request_id(value: object, name: str = "idempotency_key") -> str | None:
+    """An idempotency key: None, or a str of 1 to 512 bytes of UTF-8 without NUL."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        _wrong_type(name, "a str or None", value)
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidArgumentError(f"{name} {value!r} is not valid UTF-8") from None
+    if not 0 < size <= MAX_REQUEST_ID_BYTES or "\x00" in value:
+        raise InvalidArgumentError(
+            f"{name} must be 1 to {MAX_REQUEST_ID_BYTES} bytes of UTF-8 without NUL, "
+            f"not {show(value)}"
+        )
     return value

@@ -10,8 +10,9 @@ runs on them (modelled on psycopg_pool's scheduler and its task classes):
   autosave batches, pruning, handovers (:class:`HandOver`);
 * the **callback lane** (a second :class:`Worker`, ``sessionstore-callbacks-*``)
   runs user callbacks triggered in the background (:class:`NotifyLost`,
-  :class:`AskHandoff`), so a slow or blocking callback never stalls the
-  heartbeat, autosave or another key's handoff.
+  :class:`AskHandoff`, :class:`AfterSave`, :class:`DeliverMessages`), so a
+  slow or blocking callback never stalls the heartbeat, autosave or another
+  key's handoff.
 
 Every task holds a weak reference to the store's core: a task left in a queue
 never keeps a dropped store alive, and finds nothing to do once it is gone.
@@ -26,12 +27,16 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
+from .frozen import decode, freeze_json
+
 if TYPE_CHECKING:
     from ._core import StoreCore
 
 __all__ = [
+    "AfterSave",
     "AskHandoff",
     "Autosave",
+    "DeliverMessages",
     "HandOver",
     "Heartbeat",
     "NotifyLost",
@@ -141,6 +146,7 @@ class _RunAutosave(_CoreTask):
         core = self.core()
         if core is not None:
             core.saver.autosave()
+            core.messages.sweep()  # in case a NOTIFY was missed (a reconnect, say)
 
 
 class Prune(_CoreTask):
@@ -229,3 +235,49 @@ class NotifyLost(_CoreTask):
 
     def __repr__(self) -> str:
         return f"<NotifyLost key={self.key!r}>"
+
+
+class AfterSave(_CoreTask):
+    """On the lane: ``on_after_save(key, data as saved, version)`` after a write committed."""
+
+    __slots__ = ("encoded", "key", "version")
+
+    def __init__(self, core: StoreCore, key: str, encoded: bytes, version: int) -> None:
+        super().__init__(core)
+        self.key = key
+        self.encoded = encoded
+        self.version = version
+
+    def core(self) -> StoreCore | None:
+        return self._core()  # the saves of close() are reported too
+
+    def __call__(self) -> None:
+        core = self.core()
+        callback = None if core is None else core.config.on_after_save
+        if core is None or callback is None:
+            return
+        try:
+            callback(self.key, freeze_json(decode(self.encoded)), self.version)
+        except Exception:
+            core.log(logging.ERROR, self.key, "on_after_save raised", exc_info=True)
+
+    def __repr__(self) -> str:
+        return f"<AfterSave key={self.key!r} version={self.version}>"
+
+
+class DeliverMessages(_CoreTask):
+    """On the lane: run ``message_handler`` on the messages waiting for a held key."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, core: StoreCore, key: str) -> None:
+        super().__init__(core)
+        self.key = key
+
+    def __call__(self) -> None:
+        core = self.core()
+        if core is not None:
+            core.messages.deliver(self.key)
+
+    def __repr__(self) -> str:
+        return f"<DeliverMessages key={self.key!r}>"

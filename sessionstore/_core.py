@@ -2,7 +2,8 @@
 
 Owns what a Store has while it is open in this process: its holder id, the
 repository (storage layer), the key registry, the rules every document
-obeys, the loader, the save path and the transactions, and the threads
+obeys, the loader, the save path (with its group commit), the transactions
+and the messages, and the threads
 (scheduler, worker, callback lane, control connection). ``Store`` builds one
 at construction and, in a forked child, a fresh one on first use
 (docs/architecture.md, "Processes"); :meth:`close` ends it and
@@ -23,13 +24,15 @@ import sqlalchemy as sa
 from . import _process, db
 from . import migrations as migrations_module
 from ._background import Autosave, HandOver, Heartbeat, Prune, Worker
+from ._durable import GroupCommit
 from ._leasing import Leases
 from ._loading import Loader
+from ._messages import Messages
 from ._registry import KeyState, KeyTable, wake
 from ._saving import Saver
 from ._storage import FileSettings, Repository, Retention
 from ._storage.leases import parse_handoff_request
-from ._storage.sql import free_channel, holder_channel
+from ._storage.sql import free_channel, holder_channel, message_channel
 from ._tx import Transactions
 from .control import ControlConnection, libpq_url
 from .errors import SessionStoreError, StorageUnavailableError, StoreCloseError
@@ -62,6 +65,7 @@ class StoreCore:
             make_validator(config.schema),
             config.max_document_size,
             ViewCache(config.view_cache_size),
+            config.idempotency_retention,
         )
         self.template = check_template(self.rules, config.template, config.name)
         self.retention = Retention(
@@ -81,6 +85,7 @@ class StoreCore:
                 stream_threshold=config.stream_threshold,
             ),
             batch_size=config.save_batch_size,
+            request_retention=config.idempotency_retention,
             log_extra=self.log_extra(),
         )
         self.table = KeyTable(self.describe)
@@ -93,6 +98,8 @@ class StoreCore:
         self.loader = Loader(self)
         self.saver = Saver(self)
         self.tx = Transactions(self)
+        self.group_commit = GroupCommit(self)
+        self.messages = Messages(self)
         self.worker = Worker(f"sessionstore-work-{config.name}")
         self.lane = Worker(f"sessionstore-callbacks-{config.name}")
         self.scheduler: Scheduler | None = None
@@ -123,6 +130,7 @@ class StoreCore:
             {
                 free_channel(config.db_schema, config.name): self.on_key_free,
                 holder_channel(self.holder): self.on_handoff_request,
+                message_channel(self.holder): self.messages.on_notify,
             },
             liveness=self.liveness,
             log_extra=self.log_extra(),

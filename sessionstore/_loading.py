@@ -4,8 +4,10 @@ Owns the load steps of docs/architecture.md ("Loading"): lease (waiting for a ke
 held elsewhere: a live holder is asked to hand it over, a dead one is taken
 over once its advisory lock stayed gone for the whole ``takeover_grace``,
 an expired lease is simply taken), record and file (integrity checked), the
-legacy import or the template, pending migrations, the schema, and the new
-:class:`~sessionstore.session.Session`. The wait sleeps on the key's registry
+legacy import or the template, pending migrations, the schema, the new
+:class:`~sessionstore.session.Session` (with the key's applied idempotency
+keys, read in the same statement), and the messages waiting for the key
+(:mod:`sessionstore._messages`). The wait sleeps on the key's registry
 entry, so a NOTIFY that the key is free, or a cancellation, wakes it at once.
 The registry transitions of a load are made here and nowhere else.
 """
@@ -66,9 +68,11 @@ class Loader:
             try:
                 core.release_quietly([(key, token)])
             finally:
+                core.messages.forget(key)
                 core.table.fail_load(entry, exc)
             raise
         session.confirm_lease(entry.confirmed_at)  # renewed by the heartbeat while loading
+        core.messages.loaded(key)
         core.log(logging.DEBUG, key, "loaded with token %s at version %s", token, session.version)
         if core.config.changed_callbacks:
             core.fire_changed(key, session.data, None)
@@ -164,7 +168,8 @@ class Loader:
 
     def _read_session(self, entry: KeyEntry, token: int, acquired_at: float) -> Session:
         core, key = self._core, entry.key
-        stored = core.repo.read(key)
+        loaded = core.repo.read_for_load(key)
+        stored = loaded.stored
         if stored is not None:
             encoded, applied, dirty, _ = self.bring_forward(stored, key)
             version = stored.info.version
@@ -180,7 +185,7 @@ class Loader:
                 encoded = core.template  # checked against the schema at construction
                 applied = tuple(step.name for step in core.steps)
                 version, dirty = 0, False
-        return Session(
+        session = Session(
             core.rules,
             entry,
             key,
@@ -190,7 +195,11 @@ class Loader:
             applied,
             dirty=dirty,
             lease_confirmed_at=acquired_at,
+            requests=loaded.requests[::-1],  # oldest first
         )
+        if loaded.has_messages:
+            core.messages.apply_at_load(session)  # before the changed callbacks, in order
+        return session
 
     def bring_forward(
         self, stored: StoredVersion, key: str

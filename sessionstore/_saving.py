@@ -19,14 +19,20 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+from ._background import AfterSave
 from ._registry import KeyEntry, KeyState
+from ._storage import PendingWrite
 from .errors import LockLostError, SessionClosedError, SessionStoreError
-from .session import Session
+from .frozen import decode
+from .session import Session, run_transform
 
 if TYPE_CHECKING:
     from ._core import StoreCore
 
-__all__ = ["Saver", "turns"]
+__all__ = ["LAST_SAVES", "Saver", "turns"]
+
+LAST_SAVES = frozenset({"unload", "close", "handoff"})
+"""Save reasons that mean the key's last save in this process (ProfileStore's OnLastSave)."""
 
 
 @contextmanager
@@ -55,17 +61,23 @@ class Saver:
     def save_held(self, sessions: Sequence[Session], reason: str) -> dict[str, Exception]:
         """Write the pending changes of ``sessions`` (turns held); errors by key.
 
-        ``reason`` says why (``save``, ``autosave``, ``unload``, ``close``,
-        ``handoff``), for the log and the hooks that will join here.
+        ``reason`` says why (``save``, ``autosave``, ``durable``, ``unload``,
+        ``close``, ``handoff``): the ``on_save`` hook gets it, just before
+        the write (and, for the last three, the key's last save here, even
+        with nothing pending). Each write carries the key's data, the
+        idempotency keys it applied and the messages it handled.
         """
         core = self._core
         errors: dict[str, Exception] = {}
         pending = []
+        last = reason in LAST_SAVES
         for session in sessions:
             if session.closed:
                 if not session.saved:  # closed (lease lost) with changes never written
                     errors[session.key] = self.unsaved_error(session)
                 continue
+            if core.config.on_save is not None and (last or not session.saved):
+                self._run_on_save(session, reason)
             write = session.pending_write()
             if write is not None:
                 pending.append((session, write))
@@ -76,6 +88,7 @@ class Saver:
             key = session.key
             if key in result.written:
                 session.mark_saved(write)
+                self.after_save(write)
             elif key in result.lost:
                 core.leases.lose(session.entry, f"lease lost before {reason}")
                 errors[key] = LockLostError(
@@ -98,6 +111,53 @@ class Saver:
                 next(iter(result.failed.values())),
             )
         return errors
+
+    def _run_on_save(self, session: Session, reason: str) -> None:
+        """The ``on_save`` hook on a mutable copy; its changes, if valid, join the write."""
+        hook = self._core.config.on_save
+        assert hook is not None
+        try:
+            session.apply_hook(lambda data: hook(session.key, data, reason))
+        except Exception as exc:
+            self._core.log(
+                logging.ERROR,
+                session.key,
+                "on_save (%s) failed, its changes were dropped: %s",
+                reason,
+                exc,
+                exc_info=True,
+            )
+
+    def on_save_proposed(self, session: Session, encoded: bytes, reason: str) -> bytes:
+        """The ``on_save`` hook on data about to be written but not yet in memory (a tx)."""
+        core = self._core
+        hook = core.config.on_save
+        if hook is None:
+            return encoded
+        try:
+            work = decode(encoded)
+            run_transform(
+                lambda data: hook(session.key, data, reason),
+                work,
+                lambda: core.describe(session.key),
+            )
+            return core.rules.accept(work, session.key)
+        except Exception as exc:
+            core.log(
+                logging.ERROR,
+                session.key,
+                "on_save (%s) failed, its changes were dropped: %s",
+                reason,
+                exc,
+                exc_info=True,
+            )
+            return encoded
+
+    def after_save(self, write: PendingWrite) -> None:
+        """``on_after_save(key, data as saved, version)``, on the callback lane."""
+        core = self._core
+        if core.config.on_after_save is not None:
+            core.lane.submit(AfterSave(core, write.key, write.encoded, write.version))
 
     def unsaved_error(self, session: Session) -> SessionClosedError:
         return SessionClosedError(
@@ -143,7 +203,7 @@ class Saver:
                 if e.users <= 0 and not e.explicit and e.session is not None and e.session.saved
             ]
             if idle:
-                self.unload(idle, last_user=True, reason="autosave")
+                self.unload(idle, last_user=True)
 
     # -- unload ---------------------------------------------------------------------
 

@@ -39,9 +39,18 @@ class Transactions:
         self._core = core
 
     def run(
-        self, sessions: Sequence[Session], fn: Callable[[Any], Any], *, immutable: bool
+        self,
+        sessions: Sequence[Session],
+        fn: Callable[[Any], Any],
+        *,
+        immutable: bool,
+        request_id: str | None = None,
     ) -> Outcome | None:
-        """Run a tx over ``sessions`` (key order); the changes made, or None if aborted."""
+        """Run a tx over ``sessions`` (key order); the changes made, or None if aborted.
+
+        With ``request_id`` already applied to any of the keys, ``fn`` is not
+        run and the answer is None; committed, every key records it.
+        """
         core = self._core
         context = f"store {core.name!r} tx {[s.key for s in sessions]}"
         busy = core.table.claim_tx([s.entry for s in sessions])
@@ -51,7 +60,11 @@ class Transactions:
             with turns(sessions):
                 for session in sessions:
                     session.check_open()
-                outcome = self._held(sessions, fn, immutable=immutable, context=context)
+                if request_id is not None and any(s.has_applied(request_id) for s in sessions):
+                    return None
+                outcome = self._held(
+                    sessions, fn, immutable=immutable, context=context, request_id=request_id
+                )
         finally:
             for session in sessions:
                 session.end_tx()
@@ -104,23 +117,30 @@ class Transactions:
         *,
         immutable: bool,
         context: str,
+        request_id: str | None,
     ) -> Outcome | LockLostError | None:
         """Transform and atomic write; the changes, a lost lease, or None (aborted)."""
         proposed = self._propose(sessions, fn, immutable=immutable, context=context)
         if proposed is None:
             return None
-        rules = self._core.rules
-        prepared = {s.key: rules.accept(proposed[s.key], s.key) for s in sessions}
-        # Keys whose data changed, or that carry unsaved changes the transform saw.
-        writing = [s for s in sessions if prepared[s.key] != s.encoded or not s.saved]
+        core = self._core
+        prepared = {s.key: core.rules.accept(proposed[s.key], s.key) for s in sessions}
+        # Keys whose data changed, or that carry unsaved changes the transform
+        # saw; with an idempotency key, all of them (each records it).
+        writing = [
+            s
+            for s in sessions
+            if request_id is not None or prepared[s.key] != s.encoded or not s.saved
+        ]
         if not writing:
             return [(s, None) for s in sessions]
-        pending = [
-            PendingWrite(
-                s.key, 0, prepared[s.key], s.migrations, s.version + 1, s.token, s.version == 0
-            )
-            for s in writing
-        ]
+        for s in writing:
+            prepared[s.key] = core.saver.on_save_proposed(s, prepared[s.key], "tx")
+        pending: list[PendingWrite] = []
+        for s in writing:
+            write = s.pending_write(prepared[s.key], request_id)
+            assert write is not None, "a write of given data is never empty"
+            pending.append(write)
         try:
             result = self._core.repo.write(pending, atomic=True)
         except Exception:
@@ -135,7 +155,11 @@ class Transactions:
             )
         if result.written != written:  # pragma: no cover - version clash
             raise SessionStoreError(f"{context}: the database refused the write")
-        return [
-            (s, s.commit_written(prepared[s.key], s.version + 1) if s.key in written else None)
-            for s in sessions
-        ]
+        writes = {write.key: write for write in pending}
+        outcome: Outcome = []
+        for s in sessions:
+            write = writes.get(s.key)
+            outcome.append((s, None if write is None else s.commit_written(write, request_id)))
+            if write is not None:
+                core.saver.after_save(write)
+        return outcome

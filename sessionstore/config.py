@@ -140,6 +140,40 @@ class StoreConfig:
         default=None,
         metadata=_meta("`key -> bool`: may another process have this key? default yes", _callable),
     )
+    message_handler: Callable[[str, Any, Any], bool] | None = field(
+        default=None,
+        metadata=_meta(
+            "`(key, data, message) -> bool`: apply a message (mutable copy); True applies it, "
+            "False keeps it waiting",
+            _callable,
+        ),
+    )
+    on_save: Callable[[str, Any, str], Any] | None = field(
+        default=None,
+        metadata=_meta(
+            "`(key, data, reason)` just before each write (mutable copy: changes go into it)",
+            _callable,
+        ),
+    )
+    on_after_save: Callable[[str, Any, int], Any] | None = field(
+        default=None,
+        metadata=_meta(
+            "`(key, data, version)` after each write commits (frozen, as saved)", _callable
+        ),
+    )
+    max_pending_messages: int = field(
+        default=1000,
+        metadata=_meta(
+            "messages waiting for one key before `send_message` raises `MessageQueueFullError`",
+            _int(1, 1_000_000),
+        ),
+    )
+    idempotency_retention: int = field(
+        default=1000,
+        metadata=_meta(
+            "applied idempotency keys remembered per key (the newest)", _int(1, 1_000_000)
+        ),
+    )
     dsn: str | URL | Engine | None = field(
         default=None,
         metadata=_meta(

@@ -27,6 +27,7 @@ __all__ = [
     "LoadInProgressError",
     "LockLostError",
     "LockUnavailableError",
+    "MessageQueueFullError",
     "MigrationError",
     "SchemaValidationError",
     "SessionClosedError",
@@ -122,6 +123,10 @@ class CorruptDataError(SessionStoreError):
 
 class StorageUnavailableError(SessionStoreError):
     """The database stayed unreachable through every retry."""
+
+
+class MessageQueueFullError(SessionStoreError):
+    """``send_message`` to a key that already has ``max_pending_messages`` waiting."""
 
 
 class InvalidKeyError(SessionStoreError, ValueError, TypeError):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -115,6 +115,8 @@ class Rules:
     validator: Validator
     max_document_size: int
     views: ViewCache
+    request_retention: int = 1000
+    """Applied idempotency keys remembered per key (``idempotency_retention``)."""
 
     @property
     def validates(self) -> bool:
@@ -161,9 +163,14 @@ class Session:
         "lease_confirmed_at",
         "migrations",
         "mutex",
+        "new_messages",
+        "new_requests",
         "queue",
+        "requests",
         "rules",
         "saved_seq",
+        "seen_message",
+        "stored_requests",
         "token",
         "version",
     )
@@ -180,6 +187,7 @@ class Session:
         *,
         dirty: bool,
         lease_confirmed_at: float,
+        requests: Sequence[str] = (),
     ) -> None:
         self.rules = rules
         self.entry = entry
@@ -209,6 +217,16 @@ class Session:
         self.saved_seq = 0
         self.lease_confirmed_at = lease_confirmed_at
         """``time.monotonic()`` when the lease was last known good."""
+        # Idempotency keys applied (saved and not yet), oldest first; None: none yet.
+        self.requests: dict[str, None] | None = dict.fromkeys(requests) if requests else None
+        self.new_requests: list[str] | None = None
+        """Applied since the last save, in order: the next write stores them."""
+        self.stored_requests = len(requests)
+        """How many applied ids the database holds for the key (as far as we know)."""
+        self.new_messages: list[int] | None = None
+        """Messages applied since the last save: the next write deletes them."""
+        self.seen_message = 0
+        """The newest message id handled here (applied, declined or failed)."""
 
     # -- state ---------------------------------------------------------------
 
@@ -293,11 +311,20 @@ class Session:
         self.change_seq += 1
         return change
 
-    def update(self, fn: Callable[[Any], Any]) -> tuple[bool, Change | None]:
-        """Run a mutating transform; ``(committed, the change or None if nothing changed)``."""
+    def update(
+        self, fn: Callable[[Any], Any], request_id: str | None = None
+    ) -> tuple[bool | None, Change | None]:
+        """Run a mutating transform; ``(committed, the change or None if nothing changed)``.
+
+        With ``request_id`` (an idempotency key) already applied, ``fn`` is not
+        run and ``committed`` is None; committed, the id is recorded with
+        the change (a save is due even if the data did not change).
+        """
         with self.mutex:
             self._wait_for_tx()
             self.check_open()
+            if request_id is not None and self.has_applied(request_id):
+                return None, None
             work = self._spare if self._spare is not None else self.decode()
             self._spare = None  # the transform may change it, commit or not
             verdict = run_transform(fn, work, self._context)
@@ -308,7 +335,56 @@ class Session:
                     f"{self._context()}: transform must return True or False, "
                     f"not {type(verdict).__name__}"
                 )
-            return True, self._commit(work)
+            change = self._commit(work)
+            if request_id is not None:
+                self._record(request_id, changed=change is not None)
+            return True, change
+
+    def apply_hook(self, hook: Callable[[Any], Any]) -> Change | None:
+        """Run a save hook on a mutable copy (turn held, any state); its change, if any.
+
+        Raises what the hook raised (as :class:`TransformError`) or what the
+        checks of its result raised; then nothing changes.
+        """
+        with self.mutex:
+            work = self._spare if self._spare is not None else self.decode()
+            self._spare = None
+            run_transform(hook, work, self._context)
+            return self._commit(work)
+
+    # -- idempotency keys and messages ---------------------------------------------
+
+    def has_applied(self, request_id: str) -> bool:
+        requests = self.requests
+        return requests is not None and request_id in requests
+
+    def unsaved_request(self, request_id: str | None) -> bool:
+        """Was ``request_id`` applied here but not yet written?"""
+        new = self.new_requests
+        return request_id is not None and new is not None and request_id in new
+
+    def _record(self, request_id: str, *, changed: bool) -> None:
+        """Remember an applied id (caller holds ``cond``); a write is due for it."""
+        if self.requests is None:
+            self.requests = {}
+        self.requests[request_id] = None
+        if self.new_requests is None:
+            self.new_requests = []
+        self.new_requests.append(request_id)
+        if not changed:
+            self.change_seq += 1
+
+    def record_message(self, message_id: int, *, applied: bool, changed: bool) -> None:
+        """A message was handled: applied (its row goes with the next write) or kept."""
+        with self.cond:
+            self.seen_message = max(self.seen_message, message_id)
+            if not applied:
+                return
+            if self.new_messages is None:
+                self.new_messages = []
+            self.new_messages.append(message_id)
+            if not changed:
+                self.change_seq += 1
 
     def update_immutable(self, fn: Callable[[Any], Any]) -> tuple[bool, Change | None]:
         """Run a copy-on-write transform; ``(committed, the change or None if nothing changed)``."""
@@ -334,25 +410,64 @@ class Session:
 
     # -- saving ---------------------------------------------------------------
 
-    def pending_write(self) -> PendingWrite | None:
-        """What a save writes now (the data as of the newest change), or None if saved."""
+    def pending_write(
+        self, encoded: bytes | None = None, request_id: str | None = None
+    ) -> PendingWrite | None:
+        """What a save writes now (the data as of the newest change), or None if saved.
+
+        The write carries the idempotency keys applied and the messages
+        handled since the last save. A ``tx`` passes the data it proposes
+        (``encoded``, always written) and its own idempotency key.
+        """
         with self.cond:
-            if self.saved_seq == self.change_seq:
+            if encoded is None and self.saved_seq == self.change_seq:
                 return None
+            requests: Sequence[str] = self.new_requests or ()
+            if request_id is not None:
+                requests = (*requests, request_id)
+            retention = self.rules.request_retention
             return PendingWrite(
                 self.key,
                 self.change_seq,
-                self.encoded,
+                self.encoded if encoded is None else encoded,
                 self.migrations,
                 self.version + 1,
                 self.token,
                 self.version == 0,
+                tuple(requests),
+                tuple(self.new_messages or ()),
+                self.stored_requests + len(requests) > retention + max(16, retention // 8),
             )
 
     def mark_saved(self, snapshot: PendingWrite) -> None:
         with self.cond:
-            self.saved_seq = max(self.saved_seq, snapshot.seq)
-            self.version = snapshot.version
+            self._written(snapshot)
+
+    def _written(self, snapshot: PendingWrite) -> None:
+        """``snapshot`` is in the database (caller holds ``cond``)."""
+        self.saved_seq = max(self.saved_seq, snapshot.seq)
+        self.version = snapshot.version
+        if snapshot.requests:
+            if self.new_requests:
+                # Updates only append, and writes of a key never overlap: the
+                # first ones are the ones written.
+                del self.new_requests[: len(snapshot.requests)]
+            self.stored_requests += len(snapshot.requests)
+        if snapshot.messages and self.new_messages:
+            del self.new_messages[: len(snapshot.messages)]
+        if snapshot.prune_requests:
+            self._forget_old_requests(len(snapshot.requests))
+
+    def _forget_old_requests(self, written: int) -> None:
+        """The write pruned the stored ids to the retention (plus those it wrote): so here."""
+        retention = self.rules.request_retention
+        self.stored_requests = min(self.stored_requests - written, retention) + written
+        requests = self.requests
+        if requests is None:
+            return
+        keep = retention + written + len(self.new_requests or ())
+        for request_id in list(requests)[: max(0, len(requests) - keep)]:
+            del requests[request_id]
 
     def note_attempt(self, version: int) -> None:
         """A write of ``version`` failed without an answer: it may or may not exist.
@@ -377,13 +492,16 @@ class Session:
             self.entry.in_tx = False
             self.cond.notify_all()
 
-    def commit_written(self, encoded: bytes, version: int) -> Change | None:
+    def commit_written(self, snapshot: PendingWrite, request_id: str | None) -> Change | None:
         """Take data a tx has already made durable; the change, None if unchanged."""
         with self.cond:
+            encoded = snapshot.encoded
             change = Change(self.encoded, encoded) if encoded != self.encoded else None
             self._set(encoded)
-            self.version = version
+            if request_id is not None:  # written with it: recorded, then marked written
+                self._record(request_id, changed=True)
             self.change_seq += 1
+            self._written(snapshot)
             self.saved_seq = self.change_seq
             return change
 

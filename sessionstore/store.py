@@ -90,6 +90,11 @@ class Store(Generic[T]):
         lock_timeout: float = _DEFAULT.lock_timeout,
         autosave_interval: float = _DEFAULT.autosave_interval,
         *,
+        message_handler: Callable[[str, Any, Any], bool] | None = None,
+        on_save: Callable[[str, Any, str], Any] | None = None,
+        on_after_save: Callable[[str, Any, int], Any] | None = None,
+        max_pending_messages: int = _DEFAULT.max_pending_messages,
+        idempotency_retention: int = _DEFAULT.idempotency_retention,
         db_schema: str = _DEFAULT.db_schema,
         max_document_size: int = _DEFAULT.max_document_size,
         retry_timeout: float = _DEFAULT.retry_timeout,
@@ -288,17 +293,37 @@ class Store(Generic[T]):
         """True if the key has no changes that are not yet in the database."""
         return self._session(key).saved
 
-    def update(self, key: str, fn: Callable[[T], bool]) -> bool:
+    def update(
+        self,
+        key: str,
+        fn: Callable[[T], bool],
+        *,
+        durable: bool = False,
+        idempotency_key: str | None = None,
+    ) -> bool:
         """Change the key's data in memory: ``fn(mutable copy) -> True`` commits, ``False`` aborts.
 
-        Durable after the next save (autosave, ``save``, ``unload``, ``close``).
+        Durable after the next save (autosave, ``save``, ``unload``, ``close``);
+        with ``durable=True``, returns only once a fenced write containing the
+        change has committed (concurrent durable updates share writes; an
+        error of the write is raised, the change staying in memory, dirty).
+        With ``idempotency_key``, a key already applied to this document
+        returns ``False`` without calling ``fn`` (docs/idempotency.md).
         """
+        _args.check_bool(durable, "durable")
+        request_id = _args.check_request_id(idempotency_key)
         session = self._session(key)
         self._refuse_reentry("update")
-        committed, change = session.update(fn)
+        committed, change = session.update(fn, request_id)
+        core = self._open_core()
         if change is not None:
-            self._open_core().announce(session, change)
-        return committed
+            core.announce(session, change)
+        # A repeat of a request applied here but not yet written waits for
+        # that write too: False must never mean "applied" before it is durable.
+        repeat = committed is None and session.unsaved_request(request_id)
+        if durable and (committed or repeat):
+            core.group_commit.commit(session)
+        return bool(committed)
 
     def update_immutable(self, key: str, fn: Callable[[T], T | Literal[False]]) -> bool:
         """Like :meth:`update`, but ``fn(frozen data)`` returns new data or ``False``."""
@@ -309,26 +334,42 @@ class Store(Generic[T]):
             self._open_core().announce(session, change)
         return committed
 
-    def tx(self, keys: Sequence[str], fn: Callable[[dict[str, T]], bool]) -> bool:
+    def tx(
+        self,
+        keys: Sequence[str],
+        fn: Callable[[dict[str, T]], bool],
+        *,
+        idempotency_key: str | None = None,
+    ) -> bool:
         """Change several loaded keys together, atomically and durably.
 
         ``fn({key: mutable copy}) -> True`` commits: every key that changed is
         written in one database transaction before ``tx`` returns. ``False``
-        aborts; a transform that changed nothing writes nothing.
+        aborts; a transform that changed nothing writes nothing. With
+        ``idempotency_key`` already applied to any of the keys, returns
+        ``False`` without calling ``fn``; committed, every key records it.
         """
-        return self._tx(keys, fn, immutable=False)
+        return self._tx(keys, fn, immutable=False, idempotency_key=idempotency_key)
 
     def tx_immutable(
         self,
         keys: Sequence[str],
         fn: Callable[[dict[str, T]], Mapping[str, T] | Literal[False]],
+        *,
+        idempotency_key: str | None = None,
     ) -> bool:
         """Like :meth:`tx`, but ``fn({key: frozen})`` returns ``{key: new data}`` or ``False``."""
-        return self._tx(keys, fn, immutable=True)
+        return self._tx(keys, fn, immutable=True, idempotency_key=idempotency_key)
 
     def _tx(
-        self, keys: Sequence[str], fn: Callable[[dict[str, Any]], Any], *, immutable: bool
+        self,
+        keys: Sequence[str],
+        fn: Callable[[dict[str, Any]], Any],
+        *,
+        immutable: bool,
+        idempotency_key: str | None,
     ) -> bool:
+        request_id = _args.check_request_id(idempotency_key)
         core = self._open_core()
         if isinstance(keys, str) or not isinstance(keys, Sequence | set | frozenset):
             raise InvalidKeyError("tx keys must be a list of keys")
@@ -339,13 +380,40 @@ class Store(Generic[T]):
             raise InvalidArgumentError(f"tx keys contain duplicates: {key_list}")
         self._refuse_reentry("tx")
         sessions = [self._session(key) for key in sorted(key_list)]
-        outcome = core.tx.run(sessions, fn, immutable=immutable)
+        outcome = core.tx.run(sessions, fn, immutable=immutable, request_id=request_id)
         if outcome is None:
             return False
         # Callbacks run once the keys are free again: they may use them.
         for session, change in outcome:
             core.announce(session, change)
         return True
+
+    def applied(self, key: str, idempotency_key: str) -> bool:
+        """Has ``idempotency_key`` been applied to ``key``?
+
+        A key loaded here answers from memory (unsaved applications count);
+        any other key from its saved data (no lease needed).
+        """
+        request_id = _args.check_request_id(idempotency_key)
+        if request_id is None:
+            raise InvalidArgumentError("idempotency_key must not be None")
+        core = self._open_core()
+        check_key(key)
+        entry = core.table.get(key)
+        if entry is not None and entry.state is KeyState.LIVE and entry.session is not None:
+            return entry.session.has_applied(request_id)
+        return core.repo.applied(key, request_id)
+
+    def send_message(self, key: str, message: JSON) -> int:
+        """Send a JSON message to ``key``, held or not, by any process; its id.
+
+        Durable on return. The key's holder runs ``message_handler(key, data,
+        message)`` on it at once (woken by NOTIFY); a key nobody holds gets it
+        at its next load, in send order (docs/messages.md). Raises
+        :class:`MessageQueueFullError` when ``max_pending_messages`` wait.
+        """
+        core = self._begin("send_message", key)
+        return core.messages.send(key, message)
 
     # -- save, unload, close ------------------------------------------------------------
 
@@ -537,8 +605,17 @@ class SessionHandle(Generic[T]):
     def get(self) -> T:
         return self.store.get(self.key)
 
-    def update(self, fn: Callable[[T], bool]) -> bool:
-        return self.store.update(self.key, fn)
+    def update(
+        self,
+        fn: Callable[[T], bool],
+        *,
+        durable: bool = False,
+        idempotency_key: str | None = None,
+    ) -> bool:
+        return self.store.update(self.key, fn, durable=durable, idempotency_key=idempotency_key)
+
+    def applied(self, idempotency_key: str) -> bool:
+        return self.store.applied(self.key, idempotency_key)
 
     def update_immutable(self, fn: Callable[[T], T | Literal[False]]) -> bool:
         return self.store.update_immutable(self.key, fn)

@@ -21,6 +21,7 @@ def pytest_configure(config: pytest.Config) -> None:
 # -- store fixtures -------------------------------------------------------------------
 
 import contextlib  # noqa: E402
+import socket  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
@@ -28,6 +29,7 @@ from collections.abc import Callable, Iterator  # noqa: E402
 from typing import Any  # noqa: E402
 
 import sqlalchemy as sa  # noqa: E402
+from holder_child import Child  # noqa: E402
 
 import sessionstore as ss  # noqa: E402
 from sessionstore import db  # noqa: E402
@@ -214,3 +216,73 @@ def sql(sessionstore_dsn: str, sessionstore_schema: str, store_name: str) -> Ite
         yield Sql(engine, sessionstore_schema, store_name)
     finally:
         engine.dispose()
+
+
+def closed_port() -> int:
+    """A local TCP port nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def own_engine(
+    sessionstore_dsn: str, store_name: str
+) -> Iterator[tuple[sa.Engine, dict[str, bool], str]]:
+    """An Engine the test owns (a Store accepts one as ``dsn``) that can be cut off.
+
+    Its connections carry a unique application_name (so the server can
+    terminate exactly them); while ``state["down"]`` is set, new connections
+    go to a closed local port, as if the server were unreachable.
+    """
+    app = f"victim-{store_name}"
+    engine = sa.create_engine(
+        db.resolve_url(sessionstore_dsn),
+        pool_size=5,
+        connect_args={"application_name": app, "connect_timeout": 2},
+    )
+    state = {"down": False}
+    port = closed_port()
+
+    @sa.event.listens_for(engine, "do_connect")
+    def redirect(dialect: Any, conn_rec: Any, cargs: Any, cparams: dict[str, Any]) -> None:
+        if state["down"]:
+            cparams["host"] = "127.0.0.1"
+            cparams["port"] = port
+
+    try:
+        yield engine, state, app
+    finally:
+        engine.dispose()
+
+
+def terminate_app(sql: Sql, app: str) -> None:
+    """Terminate every backend of ``app`` (an application_name) and wait until they are gone."""
+    killed = sql.scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "WHERE application_name = :app",
+        app=app,
+    )
+    assert killed >= 1
+    wait_until(
+        lambda: sql.scalar(
+            "SELECT count(*) = 0 FROM pg_stat_activity WHERE application_name = :app", app=app
+        ),
+        5.0,
+        "terminated backends to exit",
+    )
+
+
+@pytest.fixture
+def spawn(sessionstore_schema: str, store_name: str) -> Iterator[Callable[..., Child]]:
+    children: list[Child] = []
+
+    def make(**options: Any) -> Child:
+        settings = {**FAST, **options}
+        child = Child(store_name, sessionstore_schema, **settings)
+        children.append(child)
+        return child
+
+    yield make
+    for child in children:
+        child.stop()

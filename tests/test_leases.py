@@ -13,19 +13,17 @@ the server, a server that cannot be reached.
 from __future__ import annotations
 
 import itertools
-import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import Sql, in_thread, wait_until
+from conftest import Sql, in_thread, terminate_app, wait_until
 
 import sessionstore as ss
-from sessionstore import db
 
 MakeStore = Callable[..., ss.Store]
 
@@ -616,59 +614,6 @@ def test_unload_racing_many_updaters_loses_no_committed_update(make_store: MakeS
 # -- database connection failures ---------------------------------------------------------
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def own_engine(
-    sessionstore_dsn: str, store_name: str
-) -> Iterator[tuple[sa.Engine, dict[str, bool], str]]:
-    """An Engine the test owns (a Store accepts one as ``dsn``) that can be cut off.
-
-    Its connections carry a unique application_name (so the server can
-    terminate exactly them); while ``state["down"]`` is set, new connections
-    go to a closed local port, as if the server were unreachable.
-    """
-    app = f"victim-{store_name}"
-    engine = sa.create_engine(
-        db.resolve_url(sessionstore_dsn),
-        pool_size=5,
-        connect_args={"application_name": app, "connect_timeout": 2},
-    )
-    state = {"down": False}
-    port = _closed_port()
-
-    @sa.event.listens_for(engine, "do_connect")
-    def redirect(dialect: Any, conn_rec: Any, cargs: Any, cparams: dict[str, Any]) -> None:
-        if state["down"]:
-            cparams["host"] = "127.0.0.1"
-            cparams["port"] = port
-
-    try:
-        yield engine, state, app
-    finally:
-        engine.dispose()
-
-
-def _terminate(sql: Sql, app: str) -> None:
-    killed = sql.scalar(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-        "WHERE application_name = :app",
-        app=app,
-    )
-    assert killed >= 1
-    wait_until(
-        lambda: sql.scalar(
-            "SELECT count(*) = 0 FROM pg_stat_activity WHERE application_name = :app", app=app
-        ),
-        5.0,
-        "terminated backends to exit",
-    )
-
-
 def test_terminated_connections_are_retried_transparently(
     make_store: MakeStore, sql: Sql, own_engine: tuple[sa.Engine, dict[str, bool], str]
 ) -> None:
@@ -678,11 +623,11 @@ def test_terminated_connections_are_retried_transparently(
     assert a.update("k", set_coins(1))
     a.save("k")
     assert a.update("k", set_coins(2))
-    _terminate(sql, app)
+    terminate_app(sql, app)
     a.save("k")
     assert a.is_saved("k")
     assert a.peek("k")["coins"] == 2
-    _terminate(sql, app)
+    terminate_app(sql, app)
     a.load("k2")
     assert a.get("k2")["coins"] == 0
 
@@ -700,7 +645,7 @@ def test_save_while_database_unreachable_keeps_the_session_dirty(
 
     state["down"] = True
     try:
-        _terminate(sql, app)
+        terminate_app(sql, app)
         with pytest.raises(ss.StorageUnavailableError):
             a.save("k")
         assert not a.is_saved("k")

@@ -9,21 +9,16 @@ Store from the ``make_store`` fixture on the same database and schema.
 
 from __future__ import annotations
 
-import json
 import os
-import queue
 import signal
-import subprocess
-import sys
-import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import FAST, lock_waiter, wait_until
+from conftest import lock_waiter, wait_until
+from holder_child import Child
 
 import sessionstore as ss
 from sessionstore import db
@@ -33,165 +28,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 MakeStore = Callable[..., ss.Store]
-
-CHILD = r"""
-import json, os, sys
-import sessionstore as ss
-
-config = json.loads(sys.argv[1])
-lost = []
-options = dict(config["options"])
-if options.pop("refuse_handoff", False):
-    options["on_handoff_request"] = lambda key: False
-store = ss.Store(
-    name=config["name"],
-    template={"coins": 0},
-    dsn=os.environ["SESSIONSTORE_TEST_DSN_RESOLVED"],
-    db_schema=config["schema"],
-    on_lock_lost=lost.append,
-    **options,
-)
-
-
-def reply(message):
-    sys.stdout.write(json.dumps(message) + "\n")
-    sys.stdout.flush()
-
-
-def set_coins(value):
-    def fn(data):
-        data["coins"] = value
-        return True
-    return fn
-
-
-reply({"ok": True, "result": {"pid": os.getpid(), "holder": store.holder}})
-while True:
-    line = sys.stdin.readline()
-    if not line:
-        break
-    command = json.loads(line)
-    op, key = command["op"], command.get("key")
-    try:
-        if op == "load":
-            result = store.load(key)
-        elif op == "set":
-            result = store.update(key, set_coins(command["coins"]))
-        elif op == "save":
-            result = store.save(key)
-        elif op == "unload":
-            result = store.unload(key)
-        elif op == "get":
-            result = ss.thaw(store.get(key))
-        elif op == "lost":
-            result = list(lost)
-        elif op == "close":
-            store.close()
-            reply({"ok": True, "result": None})
-            break
-        else:
-            raise ValueError(f"unknown op {op!r}")
-        reply({"ok": True, "result": result})
-    except Exception as exc:
-        reply({"ok": False, "error": type(exc).__name__, "message": str(exc)})
-"""
-
-
-class Child:
-    """A holder process driven line by line."""
-
-    def __init__(self, name: str, schema: str, **options: Any) -> None:
-        self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
-        config = {"name": name, "schema": schema, "options": options}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", CHILD, json.dumps(config)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.stderr,
-            text=True,
-            bufsize=1,
-            env=os.environ.copy(),  # carries SESSIONSTORE_TEST_DSN_RESOLVED
-        )
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        hello = self.receive(timeout=60.0)
-        assert hello["ok"], hello
-        self.pid: int = hello["result"]["pid"]
-        self.holder: str = hello["result"]["holder"]
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line)
-        self._lines.put(None)
-
-    def errors(self) -> str:
-        self.stderr.seek(0)
-        return self.stderr.read().decode(errors="replace")[-4000:]
-
-    def send(self, op: str, **args: Any) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"op": op, **args}) + "\n")
-        self.proc.stdin.flush()
-
-    def receive(self, timeout: float = 20.0) -> dict[str, Any]:
-        try:
-            line = self._lines.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(
-                f"child {self.proc.pid} did not answer:\n{self.errors()}"
-            ) from None
-        if line is None:
-            raise AssertionError(f"child {self.proc.pid} exited:\n{self.errors()}")
-        answer: dict[str, Any] = json.loads(line)
-        return answer
-
-    def call(self, op: str, timeout: float = 20.0, **args: Any) -> dict[str, Any]:
-        self.send(op, **args)
-        return self.receive(timeout)
-
-    def ok(self, op: str, timeout: float = 20.0, **args: Any) -> Any:
-        answer = self.call(op, timeout, **args)
-        assert answer["ok"], f"{op} {args}: {answer}\n{self.errors()}"
-        return answer["result"]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            with _suppress():
-                os.kill(self.proc.pid, signal.SIGCONT)
-            with _suppress():
-                self.send("close")
-            try:
-                self.proc.wait(10.0)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10.0)
-        self.stderr.close()
-
-
-class _suppress:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> bool:
-        return exc[0] is not None and issubclass(exc[0], OSError)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def spawn(sessionstore_schema: str, store_name: str) -> Iterator[Callable[..., Child]]:
-    children: list[Child] = []
-
-    def make(**options: Any) -> Child:
-        settings = {**FAST, **options}
-        child = Child(store_name, sessionstore_schema, **settings)
-        children.append(child)
-        return child
-
-    yield make
-    for child in children:
-        child.stop()
-
 
 @pytest.fixture
 def versions(

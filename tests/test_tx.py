@@ -14,6 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from conftest import wait_until
 
 import sessionstore as ss
 
@@ -230,7 +231,7 @@ def test_lease_stolen_during_tx_writes_nothing(
     assert (_versions(store, "a"), _versions(store, "b")) == before
     assert store.peek("a")["coins"] == 10
     assert store.get("a")["coins"] == 10  # memory unchanged too
-    assert lost == ["b"]
+    wait_until(lambda: lost == ["b"], 5.0, "on_lock_lost (on the callback lane)")
     with pytest.raises(ss.SessionClosedError):
         store.get("b")
 

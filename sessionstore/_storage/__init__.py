@@ -3,7 +3,9 @@
 Modules, top to bottom: :mod:`.repository` (the Repository a Store uses:
 bound to engine, schema, store and holder, with retries), :mod:`.leases`
 (the ``locks`` table), :mod:`.files` (``versions``, ``shards``, ``records``
-and the fenced write), :mod:`.sql` (the shared fragments: the lease check,
+and the fenced write, which also records applied request ids and deletes
+delivered messages), :mod:`.messages` (the ``messages`` table),
+:mod:`.requests` (reading applied request ids), :mod:`.sql` (the shared fragments: the lease check,
 liveness, channels), :mod:`.codec` (the stored file format, pure) and
 :mod:`.types` (the values crossing this boundary). See docs/architecture.md.
 """
@@ -14,6 +16,8 @@ from .codec import FileSettings
 from .repository import Repository
 from .types import (
     LeaseInfo,
+    LoadedKey,
+    Message,
     PendingWrite,
     Renewal,
     Retention,
@@ -25,6 +29,8 @@ from .types import (
 __all__ = [
     "FileSettings",
     "LeaseInfo",
+    "LoadedKey",
+    "Message",
     "PendingWrite",
     "Renewal",
     "Repository",

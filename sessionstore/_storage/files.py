@@ -26,13 +26,14 @@ import sqlalchemy as sa
 from ..db import driver_connection, driver_cursor
 from .codec import CODEC_NAMES, EncodedFile, FileSettings, compress_stream, decode_file
 from .sql import LEASE_HELD, free_channel, one_lease
-from .types import Retention, StoredVersion, VersionInfo, WriteResult
+from .types import LoadedKey, Retention, StoredVersion, VersionInfo, WriteResult
 
 __all__ = [
     "WriteItem",
     "erase_key",
     "list_versions",
     "prune_versions",
+    "read_for_load",
     "read_version",
     "write_streamed",
     "write_versions",
@@ -49,6 +50,9 @@ class WriteItem:
     file: EncodedFile
     migrations: Sequence[str]
     new_record: bool
+    requests: Sequence[str] = ()
+    messages: Sequence[int] = ()
+    prune_requests: bool = False
 
 
 def _info(row: Any) -> VersionInfo:
@@ -92,6 +96,19 @@ class _Statements:
         self.read_version = (
             f"SELECT {columns}, v.inline, {shards} FROM {s}.versions v "
             "WHERE v.store = %(store)b AND v.key = %(key)b AND v.version = %(version)b"
+        )
+        # A load's one statement: the newest version (if any), the newest
+        # applied request ids, and whether messages wait for the key.
+        self.read_for_load = (
+            f"SELECT {columns}, v.inline, {shards}, "
+            f"ARRAY(SELECT r.request_id FROM {s}.applied_requests r "
+            "WHERE r.store = %(store)b AND r.key = %(key)b "
+            "ORDER BY r.version DESC, r.idx DESC LIMIT %(retention)b) AS requests, "
+            f"EXISTS (SELECT 1 FROM {s}.messages m "
+            "WHERE m.store = %(store)b AND m.key = %(key)b) AS has_messages "
+            "FROM (SELECT 1) AS one LEFT JOIN LATERAL ("
+            f"SELECT * FROM {s}.versions v WHERE v.store = %(store)b AND v.key = %(key)b "
+            "ORDER BY v.version DESC LIMIT 1) AS v ON true"
         )
         where = (
             "WHERE v.store = :store AND v.key = :key "
@@ -142,6 +159,10 @@ WITH lease AS (
     DELETE FROM {s}.records WHERE store = :store AND key IN (SELECT key FROM lease)
 ), ver AS (
     DELETE FROM {s}.versions WHERE store = :store AND key IN (SELECT key FROM lease)
+), req AS (
+    DELETE FROM {s}.applied_requests WHERE store = :store AND key IN (SELECT key FROM lease)
+), msg AS (
+    DELETE FROM {s}.messages WHERE store = :store AND key IN (SELECT key FROM lease)
 ), gone AS (
     DELETE FROM {s}.locks WHERE store = :store AND key IN (SELECT key FROM lease) RETURNING key
 )
@@ -200,17 +221,22 @@ _INPUT_COLUMNS = (
 _MAX_VALUES_ROWS = 8
 
 
-def _write_statement(schema: str, *, rows: int, shards: bool, lock: bool) -> str:
-    """The fenced write, for ``rows`` keys as VALUES rows or (``rows=0``) as arrays.
+@dataclass(frozen=True)
+class _WriteShape:
+    """What one write statement text covers (each shape is prepared once)."""
 
-    Both forms are the same statement over an ``input`` relation. The VALUES
-    form exists because PostgreSQL plans the array form on every execution,
-    which costs more than a whole single-key write (measured: 1.4 ms against
-    0.4 ms). The shard insert is left out when there are no shards, and the
-    lease rows are not locked when ``lock`` is false (the first statement of
-    :func:`write_streamed`, whose last statement locks and checks again).
-    """
-    s = f'"{schema}"'
+    rows: int
+    """VALUES rows (up to :data:`_MAX_VALUES_ROWS`), or 0 for the array form."""
+    shards: bool
+    requests: bool
+    messages: bool
+    prune: bool
+    lock: bool
+    """Lock the lease rows (all but the first statement of :func:`write_streamed`)."""
+
+
+def _write_source(rows: int) -> tuple[str, str, str]:
+    """The ``input`` relation, its row count and the lease match, for ``rows`` (0: arrays)."""
     names = ", ".join(name for name, _ in _INPUT_COLUMNS)
     if rows:
         values = ", ".join(
@@ -220,39 +246,85 @@ def _write_statement(schema: str, *, rows: int, shards: bool, lock: bool) -> str
             for row in range(rows)
         )
         source = f"SELECT * FROM (VALUES {values}) AS t({names})"
-        count = str(rows)
-        match = "(l.key, l.token) IN (SELECT key, token FROM input)"
-    else:
-        arrays = ", ".join(f"CAST(%({name}s)b AS {kind}[])" for name, kind in _INPUT_COLUMNS)
-        source = f"SELECT * FROM unnest({arrays}) AS t({names})"
-        count = "cardinality(CAST(%(keys)b AS text[]))"
-        # Two = ANY filters, not a join: with stale statistics (a table that
-        # just grew) the planner turns a join into nested seq scans, seconds
-        # for 10,000 keys; a filter is a hashed lookup either way. Tokens are
-        # unique across all leases, so matching key and token separately
-        # matches the pairs.
-        match = (
-            "l.key = ANY(CAST(%(keys)b AS text[])) AND l.token = ANY(CAST(%(tokens)b AS bigint[]))"
-        )
-    shard_cte = (
-        f""", sh AS (
+        return source, str(rows), "(l.key, l.token) IN (SELECT key, token FROM input)"
+    arrays = ", ".join(f"CAST(%({name}s)b AS {kind}[])" for name, kind in _INPUT_COLUMNS)
+    source = f"SELECT * FROM unnest({arrays}) AS t({names})"
+    # Two = ANY filters, not a join: with stale statistics (a table that
+    # just grew) the planner turns a join into nested seq scans, seconds
+    # for 10,000 keys; a filter is a hashed lookup either way. Tokens are
+    # unique across all leases, so matching key and token separately
+    # matches the pairs.
+    match = "l.key = ANY(CAST(%(keys)b AS text[])) AND l.token = ANY(CAST(%(tokens)b AS bigint[]))"
+    return source, "cardinality(CAST(%(keys)b AS text[]))", match
+
+
+def _bookkeeping_ctes(s: str, shape: _WriteShape) -> str:
+    """The parts of a write beside the version: shards, applied ids, delivered messages.
+
+    Each joins ``ver`` (the versions inserted now), so it happens exactly
+    when its key's version is written, in the same statement.
+    """
+    parts = []
+    if shape.shards:
+        parts.append(f"""sh AS (
     INSERT INTO {s}.shards (store, key, version, idx, data)
     SELECT %(store)b, p.key, p.version, p.idx, p.data
     FROM unnest(CAST(%(shard_keys)b AS text[]), CAST(%(shard_versions)b AS bigint[]),
                 CAST(%(shard_idx)b AS integer[]), CAST(%(shard_data)b AS bytea[]))
          AS p(key, version, idx, data)
     JOIN ver USING (key)
-)"""
-        if shards
-        else ""
-    )
+)""")
+    if shape.requests:
+        parts.append(f"""req AS (
+    INSERT INTO {s}.applied_requests (store, key, request_id, version, idx)
+    SELECT %(store)b, p.key, p.request_id, ver.version, p.idx
+    FROM unnest(CAST(%(req_keys)b AS text[]), CAST(%(req_ids)b AS text[]),
+                CAST(%(req_idx)b AS integer[])) AS p(key, request_id, idx)
+    JOIN ver USING (key)
+    ON CONFLICT DO NOTHING
+)""")
+    if shape.prune:
+        # Ids older than the newest :retention (as of before this statement)
+        # go; the ones written now are kept on top of those.
+        parts.append(f"""req_prune AS (
+    DELETE FROM {s}.applied_requests r USING ver
+    WHERE r.store = %(store)b AND r.key = ver.key
+      AND ver.key = ANY(CAST(%(prune_keys)b AS text[]))
+      AND (r.version, r.idx) <= (
+          SELECT q.version, q.idx FROM {s}.applied_requests q
+          WHERE q.store = %(store)b AND q.key = ver.key
+          ORDER BY q.version DESC, q.idx DESC OFFSET %(retention)b LIMIT 1)
+)""")
+    if shape.messages:
+        parts.append(f"""msg AS (
+    DELETE FROM {s}.messages m
+    USING unnest(CAST(%(msg_keys)b AS text[]), CAST(%(msg_ids)b AS bigint[])) AS p(key, id)
+    JOIN ver USING (key)
+    WHERE m.store = %(store)b AND m.key = p.key AND m.id = p.id
+)""")
+    return "".join(", " + part for part in parts)
+
+
+def _write_statement(schema: str, shape: _WriteShape) -> str:
+    """The fenced write, for ``shape.rows`` keys as VALUES rows or (0) as arrays.
+
+    Both forms are the same statement over an ``input`` relation. The VALUES
+    form exists because PostgreSQL plans the array form on every execution,
+    which costs more than a whole single-key write (measured: 1.4 ms against
+    0.4 ms). Optional parts (shards, applied ids, delivered messages) are
+    left out when the write has none, and the lease rows are not locked
+    when ``shape.lock`` is false (the first statement of
+    :func:`write_streamed`, whose last statement locks and checks again).
+    """
+    s = f'"{schema}"'
+    source, count, match = _write_source(shape.rows)
     return f"""
 WITH input AS (
     {source}
 ), lease AS (
     SELECT l.key FROM {s}.locks l
     WHERE {LEASE_HELD.format(store="%(store)b", holder="%(holder)b", match=match)}
-    ORDER BY l.key{" FOR UPDATE OF l" if lock else ""}
+    ORDER BY l.key{" FOR UPDATE OF l" if shape.lock else ""}
 ), go AS (
     SELECT i.* FROM input i JOIN lease USING (key)
     WHERE NOT CAST(%(atomic)b AS boolean) OR (SELECT count(*) FROM lease) = {count}
@@ -267,8 +339,8 @@ WITH input AS (
            stored_size, checksum, shard_count, inline, migrations
     FROM go
     ON CONFLICT DO NOTHING
-    RETURNING key
-){shard_cte}
+    RETURNING key, version
+){_bookkeeping_ctes(s, shape)}
 SELECT i.key, i.version,
        EXISTS (SELECT 1 FROM lease WHERE lease.key = i.key) AS leased,
        EXISTS (SELECT 1 FROM ver WHERE ver.key = i.key) AS written
@@ -277,7 +349,7 @@ FROM input i
 
 
 _statements: dict[str, _Statements] = {}
-_writes: dict[tuple[str, int, bool, bool], str] = {}
+_writes: dict[tuple[str, _WriteShape], str] = {}
 
 
 def statements(schema: str) -> _Statements:
@@ -327,7 +399,23 @@ def _write_params(
             shard_idx=list(indexes),
             shard_data=list(data),
         )
+    _bookkeeping_params(params, items)
     return params
+
+
+def _bookkeeping_params(params: dict[str, Any], items: Sequence[WriteItem]) -> None:
+    """Applied request ids, messages to delete and keys to prune, as arrays."""
+    requests = [(i.key, rid, idx) for i in items for idx, rid in enumerate(i.requests)]
+    if requests:
+        keys, ids, indexes = zip(*requests, strict=True)
+        params.update(req_keys=list(keys), req_ids=list(ids), req_idx=list(indexes))
+    messages = [(i.key, mid) for i in items for mid in i.messages]
+    if messages:
+        keys, mids = zip(*messages, strict=True)
+        params.update(msg_keys=list(keys), msg_ids=list(mids))
+    prune = [i.key for i in items if i.prune_requests]
+    if prune:
+        params["prune_keys"] = prune
 
 
 def write_versions(
@@ -338,6 +426,7 @@ def write_versions(
     items: Sequence[WriteItem],
     *,
     atomic: bool,
+    retention: int = 0,
     final: bool = True,
 ) -> WriteResult:
     """The fenced write: insert each item's version if its lease still holds.
@@ -351,15 +440,24 @@ def write_versions(
     ``final=False`` (the first statement of :func:`write_streamed`): the
     lease rows are checked but not locked, and only versions inserted now
     count as written (the caller checks for an earlier attempt itself).
+    ``retention``: applied ids kept per key when an item prunes them.
     """
     rows = len(items) if len(items) <= _MAX_VALUES_ROWS else 0
     params = _write_params(store, holder, items, atomic=atomic, rows=rows)
-    cache_key = (schema, rows, "shard_keys" in params, final)
+    shape = _WriteShape(
+        rows=rows,
+        shards="shard_keys" in params,
+        requests="req_keys" in params,
+        messages="msg_keys" in params,
+        prune="prune_keys" in params,
+        lock=final,
+    )
+    if shape.prune:
+        params["retention"] = retention
+    cache_key = (schema, shape)
     statement = _writes.get(cache_key)
     if statement is None:
-        statement = _writes[cache_key] = _write_statement(
-            schema, rows=rows, shards="shard_keys" in params, lock=final
-        )
+        statement = _writes[cache_key] = _write_statement(schema, shape)
     result = WriteResult()
     by_key = {item.key: item for item in items}
     with driver_cursor(conn, binary=True) as cursor:
@@ -429,6 +527,7 @@ def write_streamed(
     item: WriteItem,
     raw: bytes,
     settings: FileSettings,
+    retention: int = 0,
 ) -> WriteResult:
     """The fenced write of one large document, compressed while it is sent.
 
@@ -458,7 +557,9 @@ def write_streamed(
         "token": item.token,
     }
     with driver_connection(conn).transaction() as transaction:
-        started = write_versions(conn, schema, store, holder, [item], atomic=True, final=False)
+        started = write_versions(
+            conn, schema, store, holder, [item], atomic=True, retention=retention, final=False
+        )
         if item.key in started.written:
             with driver_cursor(conn, binary=True) as cursor:
                 upload = _Upload(cursor, sql, params, settings.shard_size)
@@ -536,6 +637,20 @@ def read_version(
     if row is None:
         return None
     return _stored(row, f"store {store!r} key {key!r} version {row.version}")
+
+
+def read_for_load(
+    conn: sa.Connection, schema: str, store: str, key: str, retention: int
+) -> LoadedKey:
+    """What a load needs, in one statement: newest version, applied ids, messages waiting."""
+    with driver_cursor(conn, binary=True) as cursor:
+        params = {"store": store, "key": key, "retention": retention}
+        row = cursor.execute(statements(schema).read_for_load, params).fetchone()
+    assert row is not None, "the statement always returns one row"
+    stored = None
+    if row.version is not None:
+        stored = _stored(row, f"store {store!r} key {key!r} version {row.version}")
+    return LoadedKey(stored, tuple(row.requests), bool(row.has_messages))
 
 
 def list_versions(

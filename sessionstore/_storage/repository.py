@@ -17,10 +17,12 @@ from typing import TypeVar
 import sqlalchemy as sa
 
 from ..retry import RetryPolicy, with_retries
-from . import files, leases
+from . import files, leases, messages, requests
 from .codec import EncodedFile, FileSettings, encode_file
 from .types import (
     LeaseInfo,
+    LoadedKey,
+    Message,
     PendingWrite,
     Renewal,
     Retention,
@@ -47,6 +49,7 @@ class Repository:
         retry: RetryPolicy,
         files_settings: FileSettings,
         batch_size: int,
+        request_retention: int,
         log_extra: Mapping[str, object],
     ) -> None:
         self.engine = engine
@@ -56,6 +59,7 @@ class Repository:
         self.retry = retry
         self.files = files_settings
         self.batch_size = batch_size
+        self.request_retention = request_retention
         self._log_extra = log_extra
 
     def run(self, what: str, operation: Callable[[sa.Connection], T]) -> T:
@@ -132,6 +136,12 @@ class Repository:
             "read", lambda c: files.read_version(c, self.schema, self.store, key, version)
         )
 
+    def read_for_load(self, key: str) -> LoadedKey:
+        return self.run(
+            "read",
+            lambda c: files.read_for_load(c, self.schema, self.store, key, self.request_retention),
+        )
+
     def list_versions(
         self,
         key: str,
@@ -165,6 +175,30 @@ class Repository:
         return self.run(
             "prune",
             lambda c: files.prune_versions(c, self.schema, self.store, after, retention),
+        )
+
+    # -- requests and messages ----------------------------------------------------
+
+    def applied(self, key: str, request_id: str) -> bool:
+        return self.run(
+            "applied", lambda c: requests.applied(c, self.schema, self.store, key, request_id)
+        )
+
+    def send_message(self, key: str, body: str, max_pending: int) -> int | None:
+        return self.run(
+            "send message",
+            lambda c: messages.send(c, self.schema, self.store, key, body, max_pending),
+        )
+
+    def pending_messages(self, key: str, after: int, limit: int) -> list[Message]:
+        return self.run(
+            "read messages",
+            lambda c: messages.pending(c, self.schema, self.store, key, after, limit),
+        )
+
+    def keys_with_messages(self, keys: Sequence[str]) -> set[str]:
+        return self.run(
+            "find messages", lambda c: messages.waiting(c, self.schema, self.store, keys)
         )
 
     # -- the write --------------------------------------------------------------
@@ -201,7 +235,13 @@ class Repository:
         return self.run(
             "save",
             lambda c: files.write_versions(
-                c, self.schema, self.store, self.holder, items, atomic=atomic
+                c,
+                self.schema,
+                self.store,
+                self.holder,
+                items,
+                atomic=atomic,
+                retention=self.request_retention,
             ),
         )
 
@@ -210,12 +250,27 @@ class Repository:
         return self.run(
             "save",
             lambda c: files.write_streamed(
-                c, self.schema, self.store, self.holder, item, pending.encoded, self.files
+                c,
+                self.schema,
+                self.store,
+                self.holder,
+                item,
+                pending.encoded,
+                self.files,
+                self.request_retention,
             ),
         )
 
 
 def _item(pending: PendingWrite, file: EncodedFile) -> files.WriteItem:
     return files.WriteItem(
-        pending.key, pending.token, pending.version, file, pending.migrations, pending.new_record
+        pending.key,
+        pending.token,
+        pending.version,
+        file,
+        pending.migrations,
+        pending.new_record,
+        pending.requests,
+        pending.messages,
+        pending.prune_requests,
     )

@@ -20,6 +20,8 @@ __all__ = [
     "free_channel",
     "holder_channel",
     "listen",
+    "message_channel",
+    "message_channel_sql",
     "one_lease",
 ]
 
@@ -58,6 +60,16 @@ def holder_channel(holder: str) -> str:
     return "sessionstore_" + holder.replace("-", "")
 
 
+def message_channel(holder: str) -> str:
+    """The channel a holder listens on for messages to its keys (payload: the key)."""
+    return "sessionstore_m" + holder.replace("-", "")
+
+
+def message_channel_sql(holder: str) -> str:
+    """:func:`message_channel` as an SQL expression of a holder column (``l.holder``)."""
+    return f"'sessionstore_m' || replace(CAST({holder} AS text), '-', '')"
+
+
 def free_channel(schema: str, store: str) -> str:
     """The channel on which releases and handovers of a store's keys are announced.
 
@@ -69,7 +81,7 @@ def free_channel(schema: str, store: str) -> str:
 
 
 def listen(channel: str) -> str:
-    """``LISTEN`` for a channel made by :func:`holder_channel` or :func:`free_channel`."""
+    """``LISTEN`` for a channel made by one of the ``*_channel`` functions here."""
     if not channel.replace("_", "").isalnum():  # pragma: no cover - our own names only
         raise ValueError(f"bad channel name {channel!r}")
     return f'LISTEN "{channel}"'

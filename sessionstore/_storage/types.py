@@ -17,6 +17,8 @@ from ..frozen import decode
 
 __all__ = [
     "LeaseInfo",
+    "LoadedKey",
+    "Message",
     "PendingWrite",
     "Renewal",
     "Retention",
@@ -39,6 +41,31 @@ class PendingWrite:
     version: int
     token: int
     new_record: bool
+    requests: Sequence[str] = ()
+    """Idempotency keys applied since the last save: stored with this version."""
+    messages: Sequence[int] = ()
+    """Ids of messages whose effect this version carries: deleted with its write."""
+    prune_requests: bool = False
+    """Also drop the key's applied ids beyond the newest ``idempotency_retention``."""
+
+
+@dataclass(frozen=True)
+class LoadedKey:
+    """What a load reads in one statement: the newest version and the key's bookkeeping."""
+
+    stored: StoredVersion | None
+    requests: Sequence[str]
+    """The newest applied idempotency keys, newest first (up to the retention)."""
+    has_messages: bool
+    """Are messages waiting for the key?"""
+
+
+@dataclass(frozen=True)
+class Message:
+    """A message sent to a key (``Store.send_message``), as the holder receives it."""
+
+    id: int
+    body: Any
 
 
 @dataclass

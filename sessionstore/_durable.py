@@ -1,0 +1,93 @@
+"""Durable updates: ``update(..., durable=True)`` returns once its change is written.
+
+Owns the group commit (docs/durable.md). A durable update commits in memory
+as any update does, then waits here for a fenced write that contains it.
+While one write is in flight, the durable updates that arrive (from any
+thread, for any keys) queue up; when it finishes, one of them leads the
+next write for all that queued, one statement for the batch, as
+PostgreSQL's own WAL flush does. A lone caller writes at once: no delay is
+added to wait for company, the batch forms from the time a write takes.
+Each waiter gets its key's outcome: written, or the error of the write
+(``LockLostError``, ``StorageUnavailableError``), with the change left in
+memory, dirty, for the next save.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from ._saving import turns
+
+if TYPE_CHECKING:
+    from ._core import StoreCore
+    from .session import Session
+
+__all__ = ["GroupCommit"]
+
+
+class _Waiter:
+    """One durable update waiting for its write."""
+
+    __slots__ = ("done", "error", "seq", "session")
+
+    def __init__(self, session: Session, seq: int) -> None:
+        self.session = session
+        self.seq = seq
+        self.done = False
+        self.error: Exception | None = None
+
+
+class GroupCommit:
+    """Writes durable updates in shared batches (one per Store core)."""
+
+    def __init__(self, core: StoreCore) -> None:
+        self._core = core
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: list[_Waiter] = []
+        self._writing = False
+        self.batch_sizes: Counter[int] = Counter()
+        """How many keys each group-commit write carried (size -> writes), for stats."""
+
+    def commit(self, session: Session) -> None:
+        """Return once a write containing the session's current changes committed."""
+        waiter = _Waiter(session, session.change_seq)
+        with self._cond:
+            self._queue.append(waiter)
+            while not waiter.done:
+                if not self._writing:
+                    self._writing = True
+                    batch, self._queue = self._queue, []
+                    break
+                self._cond.wait()
+            else:
+                return self._outcome(waiter)
+        try:
+            self._write(batch)
+        finally:
+            with self._cond:
+                self._writing = False
+                # Interrupted (KeyboardInterrupt): the others go in the next batch.
+                self._queue[:0] = [w for w in batch if not w.done]
+                self._cond.notify_all()
+        self._outcome(waiter)
+
+    def _write(self, batch: Sequence[_Waiter]) -> None:
+        by_key = {w.session.key: w.session for w in batch}
+        sessions = [by_key[key] for key in sorted(by_key)]
+        self.batch_sizes[len(sessions)] += 1
+        with turns(sessions):
+            errors = self._core.saver.save_held(sessions, "durable")
+        for waiter in batch:
+            error = errors.get(waiter.session.key)
+            # A failed write may come after an earlier one (autosave) that had it.
+            if error is not None and waiter.session.saved_seq < waiter.seq:
+                waiter.error = error
+            waiter.done = True
+
+    @staticmethod
+    def _outcome(waiter: _Waiter) -> None:
+        if waiter.error is not None:
+            raise waiter.error

@@ -1,0 +1,94 @@
+"""Messages: the ``messages`` table (docs/messages.md).
+
+Owns the statements that send a message to a key, read the messages waiting
+for a key, and find which of a holder's keys have some. A send is durable
+when it returns, bounded per key (``max_pending_messages``, counted under a
+transaction-level advisory lock on the key so that concurrent senders
+cannot overshoot), and wakes the key's live holder with a NOTIFY on its
+message channel (:func:`.sql.message_channel`), sent at commit. Messages are
+deleted only by the fenced write that carries their effect
+(:mod:`.files`), or with the key (``erase``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+
+from ..db import driver_connection
+from ..frozen import decode
+from .sql import message_channel_sql
+from .types import Message
+
+__all__ = ["pending", "send", "waiting"]
+
+
+class _Statements:
+    def __init__(self, schema: str) -> None:
+        s = f'"{schema}"'
+        self.lock = sa.text(
+            "SELECT pg_advisory_xact_lock(hashtext('sessionstore.messages'), "
+            "hashtext(:store || '/' || :key))"
+        )
+        # Room is counted up to :max only (an index range, never the whole queue).
+        self.send = sa.text(f"""
+WITH room AS (
+    SELECT count(*) < :max AS ok
+    FROM (SELECT 1 FROM {s}.messages WHERE store = :store AND key = :key LIMIT :max) AS m
+), sent AS (
+    INSERT INTO {s}.messages (store, key, body)
+    SELECT :store, :key, CAST(:body AS jsonb) FROM room WHERE ok
+    RETURNING id
+)
+SELECT (SELECT id FROM sent) AS id,
+       (SELECT count(pg_notify({message_channel_sql("l.holder")}, :key))
+        FROM {s}.locks l
+        WHERE l.store = :store AND l.key = :key AND l.expires_at > clock_timestamp()
+          AND EXISTS (SELECT 1 FROM sent)) AS woken
+""")
+        self.pending = sa.text(
+            f"SELECT id, CAST(body AS text) AS body FROM {s}.messages "
+            "WHERE store = :store AND key = :key AND id > :after ORDER BY id LIMIT :limit"
+        )
+        self.waiting = sa.text(
+            f"SELECT DISTINCT key FROM {s}.messages "
+            "WHERE store = :store AND key = ANY(CAST(:keys AS text[]))"
+        )
+
+
+_statements: dict[str, _Statements] = {}
+
+
+def _sql(schema: str) -> _Statements:
+    found = _statements.get(schema)
+    if found is None:
+        found = _statements[schema] = _Statements(schema)
+    return found
+
+
+def send(
+    conn: sa.Connection, schema: str, store: str, key: str, body: str, max_pending: int
+) -> int | None:
+    """Store a message (JSON text) for ``key``; its id, or None if the key's queue is full."""
+    sql = _sql(schema)
+    params = {"store": store, "key": key, "body": body, "max": max_pending}
+    with driver_connection(conn).transaction():
+        conn.execute(sql.lock, params)
+        found = conn.execute(sql.send, params).scalar()
+    return None if found is None else int(found)
+
+
+def pending(
+    conn: sa.Connection, schema: str, store: str, key: str, after: int, limit: int
+) -> list[Message]:
+    """Messages waiting for ``key`` with ids above ``after``, in send order."""
+    params = {"store": store, "key": key, "after": after, "limit": limit}
+    rows = conn.execute(_sql(schema).pending, params)
+    return [Message(int(row.id), decode(row.body.encode(), "message")) for row in rows]
+
+
+def waiting(conn: sa.Connection, schema: str, store: str, keys: Sequence[str]) -> set[str]:
+    """Which of ``keys`` have messages waiting."""
+    rows = conn.execute(_sql(schema).waiting, {"store": store, "keys": list(keys)})
+    return {row.key for row in rows}
