@@ -14,9 +14,19 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
+import sessionstore as ss
 from sessionstore import db
+from sessionstore._storage.codec import FileSettings, encode_file
 
-TABLES = {"locks", "records", "versions", "shards", "alembic_version"}
+TABLES = {
+    "locks",
+    "records",
+    "versions",
+    "shards",
+    "applied_requests",
+    "messages",
+    "alembic_version",
+}
 
 
 @pytest.fixture
@@ -134,7 +144,8 @@ def test_scripts_are_shipped() -> None:
     assert (location / "env.py").is_file()
     assert (location / "script.py.mako").is_file()
     assert (location / "versions" / "0001_initial.py").is_file()
-    assert db.head_revision() == "0001"
+    assert (location / "versions" / "0002_requests_messages.py").is_file()
+    assert db.head_revision() == "0002"
 
 
 def test_alembic_folder_does_not_shadow_the_library() -> None:
@@ -175,7 +186,7 @@ def test_ensure_schema_creates_everything(engine: sa.Engine, fresh_schema: str) 
     db.ensure_schema(engine, fresh_schema)
     tables, sequences = _objects(engine, fresh_schema)
     assert tables == TABLES
-    assert sequences == {"lease_tokens"}
+    assert sequences == {"lease_tokens", "messages_id_seq"}
     assert db.current_revision(engine, fresh_schema) == db.head_revision()
 
     s = fresh_schema
@@ -243,6 +254,51 @@ def test_downgrade_and_upgrade_again(engine: sa.Engine, fresh_schema: str) -> No
     db.clear_schema_cache()
     db.ensure_schema(engine, fresh_schema)
     assert _objects(engine, fresh_schema)[0] == TABLES
+
+
+def test_a_store_upgrades_a_schema_at_0001_and_keeps_its_data(
+    engine: sa.Engine, fresh_schema: str, sessionstore_dsn: str
+) -> None:
+    """A deployment made by the previous release: saved keys load, the new features work."""
+    from alembic import command
+
+    with engine.connect() as conn:
+        command.upgrade(db.alembic_config(fresh_schema, conn), "0001")
+        conn.commit()
+    assert db.current_revision(engine, fresh_schema) == "0001"
+    assert _objects(engine, fresh_schema)[0] == TABLES - {"applied_requests", "messages"}
+    # Saved by that release: the file format is unchanged, only the tables are new.
+    file = encode_file(b'{"coins":7}', FileSettings())
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(f"INSERT INTO {fresh_schema}.records (store, key) VALUES ('old', 'k')")
+        )
+        conn.execute(
+            sa.text(
+                f"INSERT INTO {fresh_schema}.versions (store, key, version, holder, token, "
+                "codec, raw_size, stored_size, checksum, shard_count, inline) VALUES "
+                "('old', 'k', 1, gen_random_uuid(), 1, :codec, :raw, :stored, :crc, 0, :inline)"
+            ),
+            {
+                "codec": file.codec,
+                "raw": file.raw_size,
+                "stored": file.stored_size,
+                "crc": file.checksum,
+                "inline": file.inline,
+            },
+        )
+    db.clear_schema_cache()
+    store = ss.Store("old", {"coins": 0}, dsn=sessionstore_dsn, db_schema=fresh_schema)
+    try:
+        assert db.current_revision(engine, fresh_schema) == db.head_revision()
+        assert store.peek("k") == {"coins": 7}
+        store.load("k")
+        assert store.update("k", lambda d: d.update(coins=8) or True, idempotency_key="r1")
+        store.send_message("k", {"gift": 1})
+        store.save("k")
+        assert store.applied("k", "r1")
+    finally:
+        store.close()
 
 
 _RACER = textwrap.dedent(
