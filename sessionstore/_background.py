@@ -41,6 +41,7 @@ __all__ = [
     "Heartbeat",
     "NotifyLost",
     "Prune",
+    "SweepMessages",
     "Task",
     "Worker",
 ]
@@ -146,7 +147,16 @@ class _RunAutosave(_CoreTask):
         core = self.core()
         if core is not None:
             core.saver.autosave()
-            core.messages.sweep()  # in case a NOTIFY was missed (a reconnect, say)
+            core.messages.sweep()  # in case a NOTIFY was missed
+
+
+class SweepMessages(_CoreTask):
+    """On the worker: find messages for held keys whose NOTIFY was missed (a reconnect)."""
+
+    def __call__(self) -> None:
+        core = self.core()
+        if core is not None:
+            core.messages.sweep()
 
 
 class Prune(_CoreTask):

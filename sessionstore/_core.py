@@ -23,7 +23,7 @@ import sqlalchemy as sa
 
 from . import _process, db
 from . import migrations as migrations_module
-from ._background import Autosave, HandOver, Heartbeat, Prune, Worker
+from ._background import Autosave, HandOver, Heartbeat, Prune, SweepMessages, Worker
 from ._durable import GroupCommit
 from ._leasing import Leases
 from ._loading import Loader
@@ -133,6 +133,7 @@ class StoreCore:
                 message_channel(self.holder): self.messages.on_notify,
             },
             liveness=self.liveness,
+            on_reconnect=self.on_control_reconnect,
             log_extra=self.log_extra(),
         )
         if not self.control.wait_ready(max(config.retry_timeout, 5.0)):
@@ -221,6 +222,11 @@ class StoreCore:
         if parsed is not None and not self.closing:
             requester, key = parsed
             self.worker.submit(HandOver(self, key, requester))
+
+    def on_control_reconnect(self) -> None:
+        """Back after a drop: messages announced meanwhile were not heard; look for them."""
+        if not self.closing and self.config.message_handler is not None:
+            self.worker.submit(SweepMessages(self))
 
     def release_quietly(self, leases: list[tuple[str, int]]) -> None:
         """Release leases on a path that must not raise (they expire on their own)."""

@@ -36,7 +36,8 @@ class ControlConnection:
     """Keeps the holder's advisory lock and delivers notifications to ``listeners``.
 
     ``listeners`` maps a channel to a callable taking the payload; it runs on
-    this thread and must return at once (hand the work to another thread).
+    this thread and must return at once (hand the work to another thread), as
+    must ``on_reconnect``, called when the connection is back after a drop.
     """
 
     def __init__(
@@ -47,6 +48,7 @@ class ControlConnection:
         listeners: Mapping[str, Callable[[str], None]],
         *,
         liveness: bool,
+        on_reconnect: Callable[[], None] | None = None,
         reconnect_delay: float = 0.05,
         log_extra: Mapping[str, object] | None = None,
     ) -> None:
@@ -54,6 +56,8 @@ class ControlConnection:
         self._holder = holder
         self._listeners = dict(listeners)
         self._liveness = liveness
+        self._on_reconnect = on_reconnect
+        self._connected_before = False
         self._log_extra = log_extra
         self._reconnect_delay = reconnect_delay
         self._stopped = threading.Event()
@@ -79,6 +83,9 @@ class ControlConnection:
         for channel in self._listeners:
             conn.execute(listen(channel))
         self._ready.set()
+        if self._connected_before and self._on_reconnect is not None:
+            self._on_reconnect()  # notifications sent while it was away are lost
+        self._connected_before = True
         while not self._stopped.is_set():
             for notify in conn.notifies(timeout=0.1):
                 handler = self._listeners.get(notify.channel)

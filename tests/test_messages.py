@@ -246,3 +246,23 @@ def test_without_a_handler_messages_wait(make_store: MakeStore, sql: Sql) -> Non
     later = make_store(message_handler=Inbox())
     later.load("p")
     assert later.get("p")["gifts"] == ["x"]
+
+
+def test_messages_announced_while_the_control_connection_was_down_are_found_on_reconnect(
+    make_store: MakeStore, sql: Sql
+) -> None:
+    holder = make_store(message_handler=Inbox(), instant_takeover=True)
+    holder.load("p")
+    # Stored without a NOTIFY, as if it were sent while the holder was not listening.
+    sql.execute(
+        "INSERT INTO {s}.messages (store, key, body) VALUES (:store, 'p', '{\"gift\": \"lost\"}')"
+    )
+    control = sql.scalar(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2 "
+        "AND classid = (hashtext('sessionstore.holder')::bigint & 4294967295)::oid "
+        "AND objid = (hashtext(:holder)::bigint & 4294967295)::oid",
+        holder=holder.holder,
+    )
+    assert control, "the holder's control connection holds its advisory lock"
+    assert sql.scalar("SELECT pg_terminate_backend(:pid)", pid=control)
+    wait_until(lambda: holder.get("p").get("gifts") == ["lost"], 5.0, "delivery on reconnect")
