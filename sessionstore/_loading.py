@@ -23,7 +23,7 @@ from . import migrations as migrations_module
 from ._registry import KeyEntry
 from ._storage import LeaseInfo, StoredVersion
 from .errors import LoadCancelledError, LoadInProgressError, LockUnavailableError
-from .frozen import JSON, thaw
+from .frozen import JSON, decode, freeze_json, thaw
 from .retry import AttemptWithBackoff, RetryPolicy
 from .session import Session
 
@@ -200,6 +200,30 @@ class Loader:
         if loaded.has_messages:
             core.messages.apply_at_load(session)  # before the changed callbacks, in order
         return session
+
+    def peek(self, key: str, max_age: float | None) -> JSON | None:
+        """``Store.peek``: the saved data brought forward (frozen), or None; no lease.
+
+        With ``max_age``, a result this store read at most that long ago may
+        be returned from the peek cache instead.
+        """
+        core = self._core
+        cache = core.peek_cache
+        if max_age is not None and cache is not None:
+            with core.peek_lock:
+                cached = cache.get(key)
+            if cached is not None and time.monotonic() - cached[0] <= max_age:
+                return cached[1]
+        read_at = time.monotonic()
+        stored = core.repo.read(key)
+        data = None
+        if stored is not None:
+            encoded, _, _, plain = self.bring_forward(stored, key)
+            data = freeze_json(decode(encoded, stored.context) if plain is None else plain)
+        if cache is not None:
+            with core.peek_lock:
+                cache[key] = (read_at, data)
+        return data
 
     def bring_forward(
         self, stored: StoredVersion, key: str

@@ -22,7 +22,13 @@ from typing import TYPE_CHECKING
 from ._background import AfterSave
 from ._registry import KeyEntry, KeyState
 from ._storage import PendingWrite
-from .errors import LockLostError, SessionClosedError, SessionStoreError
+from .errors import (
+    KeyNotLoadedError,
+    LoadInProgressError,
+    LockLostError,
+    SessionClosedError,
+    SessionStoreError,
+)
 from .frozen import decode
 from .session import Session, run_transform
 
@@ -207,6 +213,48 @@ class Saver:
 
     # -- unload ---------------------------------------------------------------------
 
+    def unload_key(self, key: str) -> None:
+        """``Store.unload``: cancel its load, or forget it closed, or its final save and release.
+
+        A key that ``session()`` blocks still use stays until the last exits.
+        """
+        core = self._core
+        first = True
+        while True:
+            entry = core.table.get(key)
+            if entry is None:
+                if first:
+                    raise KeyNotLoadedError(f"{core.describe(key)} is not loaded")
+                return  # another thread's unload of it finished
+            first = False
+            if entry.state is KeyState.LOADING:
+                if self.cancel_load(entry, "unload() was called"):
+                    return
+            elif entry.state is KeyState.CLOSED:
+                core.table.forget(entry)
+                if entry.session is not None and not entry.session.saved:
+                    raise self.unsaved_error(entry.session)
+                return
+            elif entry.state is KeyState.UNLOADING and entry.session is not None:
+                with entry.session.queue.turn():
+                    pass  # another thread's unload: look again once it is done
+            else:
+                if core.table.drop_explicit(entry):
+                    errors = self.unload([entry], last_user=True)
+                    if key in errors:
+                        raise errors[key]
+                return
+
+    def cancel_load(self, entry: KeyEntry, reason: str) -> bool:
+        """Cancel a running load and wait for it; False if it had finished already."""
+        core = self._core
+        if entry.loader == threading.get_ident():
+            raise LoadInProgressError(f"{core.describe(entry.key)} is loading")
+        if core.table.cancel(entry.key, reason) is None:
+            return False
+        core.table.wait_settled(entry)
+        return True
+
     def unload(
         self,
         entries: Sequence[KeyEntry],
@@ -344,8 +392,7 @@ class Saver:
         core = self._core
         entry = core.table.get(key)
         if entry is not None and entry.state is KeyState.LOADING:
-            core.table.cancel(key, "erase() was called")
-            core.table.wait_settled(entry)
+            self.cancel_load(entry, "erase() was called")
             entry = core.table.get(key)
         if entry is not None and entry.session is not None and entry.state is KeyState.LIVE:
             if self._erase_live(entry, entry.session):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import MISSING
@@ -29,20 +28,19 @@ from typing_extensions import TypeVar
 
 from . import _args, _process, db
 from ._core import StoreCore
-from ._registry import KeyEntry, KeyState
+from ._registry import KeyState
 from ._storage import VersionInfo
 from .config import StoreConfig
 from .errors import (
     InvalidArgumentError,
     InvalidKeyError,
     KeyNotLoadedError,
-    LoadInProgressError,
     SessionClosedError,
     StoreClosedError,
     TransformError,
     VersionNotFoundError,
 )
-from .frozen import JSON, check_key, decode, freeze_json
+from .frozen import JSON, check_key, freeze_json
 from .migrations import MigrationStep
 from .retry import RetryPolicy
 from .schema import SchemaLike
@@ -432,41 +430,7 @@ class Store(Generic[T]):
         If the save fails, the key stays loaded with its data and the error is
         raised, so the call can be retried.
         """
-        core = self._begin("unload", key)
-        first = True
-        while True:
-            entry = core.table.get(key)
-            if entry is None:
-                if first:
-                    raise KeyNotLoadedError(f"store {self.name!r} key {key!r} is not loaded")
-                return  # another thread's unload of it finished
-            first = False
-            if entry.state is KeyState.LOADING:
-                if self._cancel_load(core, entry, "unload() was called"):
-                    return
-            elif entry.state is KeyState.CLOSED:
-                core.table.forget(entry)
-                if entry.session is not None and not entry.session.saved:
-                    raise core.saver.unsaved_error(entry.session)
-                return
-            elif entry.state is KeyState.UNLOADING and entry.session is not None:
-                with entry.session.queue.turn():
-                    pass  # another thread's unload: look again once it is done
-            else:
-                if core.table.drop_explicit(entry):
-                    errors = core.saver.unload([entry], last_user=True)
-                    if key in errors:
-                        raise errors[key]
-                return
-
-    def _cancel_load(self, core: StoreCore, entry: KeyEntry, reason: str) -> bool:
-        """Cancel a running load and wait for it; False if it had finished already."""
-        if entry.loader == threading.get_ident():
-            raise LoadInProgressError(f"store {self.name!r} key {entry.key!r} is loading")
-        if core.table.cancel(entry.key, reason) is None:
-            return False
-        core.table.wait_settled(entry)
-        return True
+        self._begin("unload", key).saver.unload_key(key)
 
     def close(self) -> None:
         """Cancel running loads, unload every key (errors raised together), stop threads.
@@ -498,24 +462,10 @@ class Store(Generic[T]):
         """
         core = self._open_core()
         check_key(key)
-        _args.check_seconds(max_age, "max_age", allow_none=True)
-        cache = core.peek_cache
-        if max_age is not None and cache is not None:
-            with core.peek_lock:
-                cached = cache.get(key)
-            if cached is not None and time.monotonic() - cached[0] <= max_age:
-                found: T | None = cached[1]
-                return found
-        read_at = time.monotonic()
-        stored = core.repo.read(key)
-        data = None
-        if stored is not None:
-            encoded, _, _, plain = core.loader.bring_forward(stored, key)
-            data = freeze_json(decode(encoded, stored.context) if plain is None else plain)
-        if cache is not None:
-            with core.peek_lock:
-                cache[key] = (read_at, data)
-        return data
+        found: T | None = core.loader.peek(
+            key, _args.check_seconds(max_age, "max_age", allow_none=True)
+        )
+        return found
 
     def probe_lock_active(self, key: str) -> bool:
         """True if any holder (this process included) has a live lease on ``key``."""
@@ -576,11 +526,7 @@ class Store(Generic[T]):
         respected; a key loaded here is erased with this store's lease; a
         running ``load(key)`` is cancelled.
         """
-        core = self._begin("erase", key)
-        entry = core.table.get(key)
-        if entry is not None and entry.state is KeyState.LOADING:
-            self._cancel_load(core, entry, "erase() was called")
-        core.saver.erase(key)
+        self._begin("erase", key).saver.erase(key)
 
     def prune(self, *, time_budget: float = 1.0) -> int:
         """Delete versions beyond the retention policy, a batch of keys at a time.
