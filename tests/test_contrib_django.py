@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -319,6 +320,9 @@ def test_checks_accept_a_clean_configuration() -> None:
                 "migrations": f"{here}.STEPS",
                 "changed_callbacks": ["logging.info", print],
                 "on_handoff_request": f"{here}.schema_check",
+                "message_handler": f"{here}.schema_check",
+                "on_save": "logging.info",
+                "on_after_save": print,
             },
             "b": {**STORE, "dsn": "postgresql://u:p@other/db", "db_schema": "other"},
         },
@@ -328,6 +332,8 @@ def test_checks_accept_a_clean_configuration() -> None:
     options = config.store_options("a", config.database_dsn(PG))
     assert options["schema"] is schema_check and options["migrations"] is STEPS
     assert options["changed_callbacks"][1] is print and options["control_dsn"]
+    assert options["message_handler"] is schema_check and options["on_after_save"] is print
+    assert options["on_save"] is logging.info
     assert options["name"] == "a" and conninfo_to_dict(options["dsn"])["host"] == "/run/pg"
     assert config.store_options("b", None)["dsn"] == "postgresql://u:p@other/db"
     # Every store has its own DSN: DATABASES is not needed at all.

@@ -79,6 +79,9 @@ CODE_OPTIONS = frozenset(
         "changed_callbacks",
         "on_lock_lost",
         "on_handoff_request",
+        "message_handler",
+        "on_save",
+        "on_after_save",
     }
 )
 """Store options whose str value is a dotted path to import (the others are literal)."""
