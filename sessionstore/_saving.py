@@ -125,14 +125,7 @@ class Saver:
         try:
             session.apply_hook(lambda data: hook(session.key, data, reason))
         except Exception as exc:
-            self._core.log(
-                logging.ERROR,
-                session.key,
-                "on_save (%s) failed, its changes were dropped: %s",
-                reason,
-                exc,
-                exc_info=True,
-            )
+            self._hook_failed(session.key, reason, exc)
 
     def on_save_proposed(self, session: Session, encoded: bytes, reason: str) -> bytes:
         """The ``on_save`` hook on data about to be written but not yet in memory (a tx)."""
@@ -149,15 +142,19 @@ class Saver:
             )
             return core.rules.accept(work, session.key)
         except Exception as exc:
-            core.log(
-                logging.ERROR,
-                session.key,
-                "on_save (%s) failed, its changes were dropped: %s",
-                reason,
-                exc,
-                exc_info=True,
-            )
+            self._hook_failed(session.key, reason, exc)
             return encoded
+
+    def _hook_failed(self, key: str, reason: str, error: Exception) -> None:
+        """The write goes on without the hook's changes; the error is logged, not raised."""
+        self._core.log(
+            logging.ERROR,
+            key,
+            "on_save (%s) failed, its changes were dropped: %s",
+            reason,
+            error,
+            exc_info=True,
+        )
 
     def after_save(self, write: PendingWrite) -> None:
         """``on_after_save(key, data as saved, version)``, on the callback lane."""

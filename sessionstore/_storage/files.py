@@ -13,6 +13,7 @@ newest version of a key is its current data.
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -348,15 +349,15 @@ FROM input i
 """
 
 
-_statements: dict[str, _Statements] = {}
-_writes: dict[tuple[str, _WriteShape], str] = {}
-
-
+@functools.cache
 def statements(schema: str) -> _Statements:
-    found = _statements.get(schema)
-    if found is None:
-        found = _statements[schema] = _Statements(schema)
-    return found
+    """The statements for one schema, built once."""
+    return _Statements(schema)
+
+
+@functools.cache
+def _write_text(schema: str, shape: _WriteShape) -> str:
+    return _write_statement(schema, shape)
 
 
 def _write_params(
@@ -454,10 +455,7 @@ def write_versions(
     )
     if shape.prune:
         params["retention"] = retention
-    cache_key = (schema, shape)
-    statement = _writes.get(cache_key)
-    if statement is None:
-        statement = _writes[cache_key] = _write_statement(schema, shape)
+    statement = _write_text(schema, shape)
     result = WriteResult()
     by_key = {item.key: item for item in items}
     with driver_cursor(conn, binary=True) as cursor:

@@ -15,6 +15,7 @@ The fence itself is part of every write (:mod:`.files`).
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from collections.abc import Iterable
@@ -162,14 +163,10 @@ SELECT pg_notify(%(channel)s, key) FROM moved
 """
 
 
-_cache: dict[str, LeaseStatements] = {}
-
-
+@functools.cache
 def lease_statements(schema: str) -> LeaseStatements:
-    found = _cache.get(schema)
-    if found is None:
-        found = _cache[schema] = LeaseStatements(schema)
-    return found
+    """The statements for one schema, built once."""
+    return LeaseStatements(schema)
 
 
 def acquire(

@@ -12,6 +12,7 @@ deleted only by the fenced write that carries their effect
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import sqlalchemy as sa
@@ -57,14 +58,9 @@ SELECT (SELECT id FROM sent) AS id,
         )
 
 
-_statements: dict[str, _Statements] = {}
-
-
+@functools.cache
 def _sql(schema: str) -> _Statements:
-    found = _statements.get(schema)
-    if found is None:
-        found = _statements[schema] = _Statements(schema)
-    return found
+    return _Statements(schema)
 
 
 def send(

@@ -9,20 +9,23 @@ reads them with the version (:func:`.files.read_for_load`).
 
 from __future__ import annotations
 
+import functools
+
 import sqlalchemy as sa
 
 __all__ = ["applied"]
 
-_statements: dict[str, sa.TextClause] = {}
+
+@functools.cache
+def _applied(schema: str) -> sa.TextClause:
+    return sa.text(
+        f'SELECT EXISTS (SELECT 1 FROM "{schema}".applied_requests '
+        "WHERE store = :store AND key = :key AND request_id = :request_id)"
+    )
 
 
 def applied(conn: sa.Connection, schema: str, store: str, key: str, request_id: str) -> bool:
     """Has ``key`` a saved version that applied ``request_id`` (within the retention)?"""
-    statement = _statements.get(schema)
-    if statement is None:
-        statement = _statements[schema] = sa.text(
-            f'SELECT EXISTS (SELECT 1 FROM "{schema}".applied_requests '
-            "WHERE store = :store AND key = :key AND request_id = :request_id)"
-        )
+    statement = _applied(schema)
     params = {"store": store, "key": key, "request_id": request_id}
     return bool(conn.execute(statement, params).scalar())
