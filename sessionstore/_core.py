@@ -30,6 +30,7 @@ from ._loading import Loader
 from ._messages import Messages
 from ._registry import KeyState, KeyTable, wake
 from ._saving import Saver
+from ._stats import Stats
 from ._storage import FileSettings, Repository, Retention
 from ._storage.leases import parse_handoff_request
 from ._storage.sql import free_channel, holder_channel, message_channel
@@ -99,6 +100,7 @@ class StoreCore:
         self.saver = Saver(self)
         self.tx = Transactions(self)
         self.group_commit = GroupCommit(self)
+        self.stats = Stats()
         self.messages = Messages(self)
         self.worker = Worker(f"sessionstore-work-{config.name}")
         self.lane = Worker(f"sessionstore-callbacks-{config.name}")

@@ -78,6 +78,8 @@ class GroupCommit:
         by_key = {w.session.key: w.session for w in batch}
         sessions = [by_key[key] for key in sorted(by_key)]
         self.batch_sizes[len(sessions)] += 1
+        self._core.stats.add("durable_writes")
+        self._core.stats.add("durable_keys", len(sessions))
         with turns(sessions):
             errors = self._core.saver.save_held(sessions, "durable")
         for waiter in batch:

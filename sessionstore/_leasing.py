@@ -72,6 +72,7 @@ class Leases:
         core = self._core
         if not core.table.close(entry, reason):
             return
+        core.stats.add("lost_leases")
         if entry.session is not None:
             core.rules.views.forget(entry.session)
         core.log(logging.WARNING, entry.key, "lease lost: %s", reason)

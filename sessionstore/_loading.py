@@ -126,6 +126,8 @@ class Loader:
             started = time.monotonic()
             token = core.repo.acquire(key, config.lock_duration, liveness=core.liveness, dead=dead)
             if token is not None:
+                if asked and dead is None:
+                    core.stats.add("handoffs_in")  # given up by a live holder we asked
                 if dead is not None:
                     core.log(
                         logging.INFO,

@@ -140,6 +140,8 @@ class Messages:
             )
             committed, change = False, None
         session.record_message(message.id, applied=bool(committed), changed=change is not None)
+        if committed:
+            core.stats.add("messages_applied")
         return change
 
     def sweep(self) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -89,7 +90,9 @@ class Saver:
                 pending.append((session, write))
         if not pending:
             return errors
+        started = time.perf_counter()
         result = core.repo.write([write for _, write in pending], atomic=False)
+        core.stats.wrote(time.perf_counter() - started, len(result.written), len(result.failed))
         for session, write in pending:
             key = session.key
             if key in result.written:
@@ -379,6 +382,7 @@ class Saver:
             )
             return
         if entry.state is KeyState.CLOSED:
+            core.stats.add("handoffs_out")
             core.log(logging.INFO, entry.key, "handed over to another process")
             core.leases.tell_lost(entry.key)
 

@@ -10,6 +10,7 @@ that changed nothing writes nothing.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -141,12 +142,15 @@ class Transactions:
             write = s.pending_write(prepared[s.key], request_id)
             assert write is not None, "a write of given data is never empty"
             pending.append(write)
+        started = time.perf_counter()
         try:
             result = self._core.repo.write(pending, atomic=True)
         except Exception:
+            core.stats.wrote(time.perf_counter() - started, 0, len(pending))
             for session, write in zip(writing, pending, strict=True):
                 session.note_attempt(write.version)
             raise
+        core.stats.wrote(time.perf_counter() - started, len(result.written), 0)
         written = {s.key for s in writing}
         if result.lost:
             return LockLostError(

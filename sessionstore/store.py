@@ -413,6 +413,20 @@ class Store(Generic[T]):
         core = self._begin("send_message", key)
         return core.messages.send(key, message)
 
+    def stats(self) -> dict[str, Any]:
+        """What this Store did in this process, for dashboards (docs/operations.md).
+
+        ``loaded`` and ``dirty`` keys now; since the Store opened here:
+        ``saves`` (keys written), ``save_failures`` (keys whose write
+        failed), ``lost_leases``, ``handoffs_in`` / ``handoffs_out``,
+        ``messages_applied``, ``durable_writes`` / ``durable_keys`` (the
+        group commit's writes and the keys they carried); ``save_p50`` /
+        ``save_p99``: seconds per write statement over the recent writes.
+        """
+        core = self._open_core()
+        live = [e.session for e in core.table.entries(KeyState.LIVE) if e.session is not None]
+        return core.stats.snapshot(len(live), sum(1 for s in live if not s.saved))
+
     # -- save, unload, close ------------------------------------------------------------
 
     def save(self, key: str) -> None:
