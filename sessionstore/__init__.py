@@ -8,6 +8,7 @@ docs/api.md for the contract re-exported here.
 
 from __future__ import annotations
 
+from ._batch import ImportResult, OfflineResult
 from ._storage import VersionInfo
 from .config import StoreConfig
 from .errors import (
@@ -45,6 +46,7 @@ __all__ = [
     "CorruptDataError",
     "FrozenDict",
     "FrozenList",
+    "ImportResult",
     "InvalidArgumentError",
     "InvalidDataError",
     "InvalidKeyError",
@@ -57,6 +59,7 @@ __all__ = [
     "MessageQueueFullError",
     "MigrationError",
     "MigrationStep",
+    "OfflineResult",
     "SchemaValidationError",
     "SessionClosedError",
     "SessionHandle",

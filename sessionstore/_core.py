@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from . import _process, db
 from . import migrations as migrations_module
 from ._background import Autosave, HandOver, Heartbeat, Prune, SweepMessages, Worker
+from ._batch import Batches
 from ._durable import GroupCommit
 from ._leasing import Leases
 from ._loading import Loader
@@ -101,6 +102,7 @@ class StoreCore:
         self.tx = Transactions(self)
         self.group_commit = GroupCommit(self)
         self.stats = Stats()
+        self.batches = Batches(self)
         self.messages = Messages(self)
         self.worker = Worker(f"sessionstore-work-{config.name}")
         self.lane = Worker(f"sessionstore-callbacks-{config.name}")

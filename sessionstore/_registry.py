@@ -170,6 +170,20 @@ class KeyTable:
                 self._use(entry, explicit=explicit, user=user)
                 return entry, False
 
+    def try_claim(self, key: str) -> KeyEntry | None:
+        """A LOADING entry for ``key`` if nothing here uses it, else None (never waits).
+
+        For work over many keys without sessions (offline edits, imports): the
+        caller ends it with :meth:`fail_load` (``None``), as ``erase`` does.
+        """
+        with self._lock:
+            self._check_open()
+            entry = self._entries.get(key)
+            if entry is not None and entry.state is not KeyState.CLOSED:
+                return None
+            entry = self._entries[key] = KeyEntry(key)
+            return entry
+
     def wait_loaded(self, key: str) -> KeyEntry | None:
         """The key's entry once no load of it runs (another thread's load: waited for)."""
         with self._lock:

@@ -27,6 +27,7 @@ import sqlalchemy as sa
 from typing_extensions import TypeVar
 
 from . import _args, _process, db
+from ._batch_api import BatchMethods
 from ._core import StoreCore
 from ._registry import KeyState
 from ._storage import VersionInfo
@@ -60,7 +61,7 @@ _DEFAULT = SimpleNamespace(
 """The option defaults, as :class:`StoreConfig` declares them (their one home)."""
 
 
-class Store(Generic[T]):
+class Store(BatchMethods[T], Generic[T]):
     """A named collection of documents kept in PostgreSQL under session locks.
 
     Every option is described, with its default, by :class:`StoreConfig`

@@ -32,9 +32,11 @@ from .types import LoadedKey, Retention, StoredVersion, VersionInfo, WriteResult
 __all__ = [
     "WriteItem",
     "erase_key",
+    "keys_page",
     "list_versions",
     "prune_versions",
     "read_for_load",
+    "read_many",
     "read_version",
     "write_streamed",
     "write_versions",
@@ -110,6 +112,20 @@ class _Statements:
             "FROM (SELECT 1) AS one LEFT JOIN LATERAL ("
             f"SELECT * FROM {s}.versions v WHERE v.store = %(store)b AND v.key = %(key)b "
             "ORDER BY v.version DESC LIMIT 1) AS v ON true"
+        )
+        # The newest version of many keys (a batch of offline edits, an export).
+        self.read_many = (
+            f"SELECT k.key AS wanted, v.key, {columns}, v.inline, {shards} "
+            "FROM unnest(CAST(%(keys)b AS text[])) AS k(key) LEFT JOIN LATERAL ("
+            f"SELECT * FROM {s}.versions v WHERE v.store = %(store)b AND v.key = k.key "
+            "ORDER BY v.version DESC LIMIT 1) AS v ON true"
+        )
+        # One page of the saved keys, in key order, after :after (keyset paging:
+        # bounded memory, no cursor held open across pages).
+        self.keys_page = sa.text(
+            f"SELECT key FROM {s}.records WHERE store = :store AND key > :after "
+            "AND (CAST(:prefix AS text) IS NULL OR starts_with(key, :prefix)) "
+            "ORDER BY key LIMIT :limit"
         )
         where = (
             "WHERE v.store = :store AND v.key = :key "
@@ -649,6 +665,29 @@ def read_for_load(
     if row.version is not None:
         stored = _stored(row, f"store {store!r} key {key!r} version {row.version}")
     return LoadedKey(stored, tuple(row.requests), bool(row.has_messages))
+
+
+def read_many(
+    conn: sa.Connection, schema: str, store: str, keys: Sequence[str]
+) -> dict[str, StoredVersion | None]:
+    """The newest version of each of ``keys`` (None: never saved), in one statement."""
+    with driver_cursor(conn, binary=True) as cursor:
+        params = {"store": store, "keys": list(keys)}
+        rows = cursor.execute(statements(schema).read_many, params, prepare=False).fetchall()
+    return {
+        row.wanted: None
+        if row.version is None
+        else _stored(row, f"store {store!r} key {row.wanted!r} version {row.version}")
+        for row in rows
+    }
+
+
+def keys_page(
+    conn: sa.Connection, schema: str, store: str, after: str, prefix: str | None, limit: int
+) -> list[str]:
+    """Up to ``limit`` saved keys after ``after`` (optionally starting with ``prefix``)."""
+    params = {"store": store, "after": after, "prefix": prefix, "limit": limit}
+    return [row.key for row in conn.execute(statements(schema).keys_page, params)]
 
 
 def list_versions(

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import os
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import sqlalchemy as sa
 
@@ -30,6 +30,7 @@ __all__ = [
     "HOST",
     "LeaseStatements",
     "acquire",
+    "acquire_many",
     "hand_over",
     "holder_alive",
     "info",
@@ -81,6 +82,24 @@ ON CONFLICT (store, key) DO UPDATE
        OR (l.holder = CAST(:dead_holder AS uuid) AND l.token = :dead_token AND l.liveness
            AND NOT {ALIVE_SQL.format(holder="l.holder")})
 RETURNING token
+""")
+        # Many free or expired leases at once, taken in key order (offline
+        # edits, imports); a key held by anyone else is left out. Ours: a
+        # lease this holder no longer tracks (the caller claimed the keys in
+        # its registry first, so nothing here uses them).
+        self.acquire_many = sa.text(f"""
+INSERT INTO {s}.locks AS l (store, key, holder, token, acquired_at, expires_at, host, pid,
+                            liveness)
+SELECT :store, k.key, :holder, nextval('{s}.lease_tokens'), clock_timestamp(),
+       clock_timestamp() + make_interval(secs => :duration), :host, :pid, :liveness
+FROM unnest(CAST(:keys AS text[])) AS k(key)
+ORDER BY k.key
+ON CONFLICT (store, key) DO UPDATE
+    SET holder = excluded.holder, token = excluded.token, acquired_at = excluded.acquired_at,
+        expires_at = excluded.expires_at, host = excluded.host, pid = excluded.pid,
+        liveness = excluded.liveness
+    WHERE l.expires_at <= clock_timestamp() OR l.holder = excluded.holder
+RETURNING key, token
 """)
         self.info = sa.text(
             "SELECT holder, token, expires_at, expires_at > clock_timestamp() AS active, "
@@ -194,6 +213,34 @@ def acquire(
     }
     token: int | None = conn.execute(lease_statements(schema).acquire, params).scalar()
     return token
+
+
+def acquire_many(
+    conn: sa.Connection,
+    schema: str,
+    store: str,
+    keys: Sequence[str],
+    holder: str,
+    duration: float,
+    *,
+    liveness: bool,
+) -> dict[str, int]:
+    """Take the leases of ``keys`` that are free or expired; ``{key: token}`` of those taken.
+
+    Never waits for a holder: a key held by anyone (this holder included) is
+    left out, for the caller to report.
+    """
+    params = {
+        "store": store,
+        "keys": sorted(keys),
+        "holder": holder,
+        "duration": duration,
+        "host": HOST,
+        "pid": os.getpid(),
+        "liveness": liveness,
+    }
+    rows = conn.execute(lease_statements(schema).acquire_many, params)
+    return {row.key: int(row.token) for row in rows}
 
 
 def _pairs(store: str, holder: str, leases: Iterable[tuple[str, int]]) -> dict[str, object]:

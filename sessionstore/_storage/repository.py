@@ -92,6 +92,16 @@ class Repository:
             ),
         )
 
+    def acquire_many(
+        self, keys: Sequence[str], duration: float, *, liveness: bool
+    ) -> dict[str, int]:
+        return self.run(
+            "acquire leases",
+            lambda c: leases.acquire_many(
+                c, self.schema, self.store, keys, self.holder, duration, liveness=liveness
+            ),
+        )
+
     def lease_info(self, key: str) -> LeaseInfo | None:
         return self.run("lease info", lambda c: leases.info(c, self.schema, self.store, key))
 
@@ -140,6 +150,15 @@ class Repository:
         return self.run(
             "read",
             lambda c: files.read_for_load(c, self.schema, self.store, key, self.request_retention),
+        )
+
+    def read_many(self, keys: Sequence[str]) -> dict[str, StoredVersion | None]:
+        return self.run("read", lambda c: files.read_many(c, self.schema, self.store, keys))
+
+    def keys_page(self, after: str, prefix: str | None, limit: int) -> list[str]:
+        return self.run(
+            "list keys",
+            lambda c: files.keys_page(c, self.schema, self.store, after, prefix, limit),
         )
 
     def list_versions(
