@@ -13,6 +13,7 @@ from ._storage import VersionInfo
 from .config import StoreConfig
 from .errors import (
     ArgumentTypeError,
+    BatchError,
     CorruptDataError,
     InvalidArgumentError,
     InvalidDataError,
@@ -43,6 +44,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArgumentTypeError",
+    "BatchError",
     "CorruptDataError",
     "FrozenDict",
     "FrozenList",

@@ -24,7 +24,12 @@ import reprlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, NoReturn, overload
 
-from .errors import ArgumentTypeError, InvalidArgumentError, VersionNotFoundError
+from .errors import (
+    ArgumentTypeError,
+    InvalidArgumentError,
+    InvalidKeyError,
+    VersionNotFoundError,
+)
 
 __all__ = [
     "INT64_MAX",
@@ -34,6 +39,7 @@ __all__ = [
     "check_callable",
     "check_callables",
     "check_int",
+    "check_keys",
     "check_limit",
     "check_positive_int",
     "check_request_id",
@@ -249,3 +255,10 @@ def check_request_id(value: object, name: str = "idempotency_key") -> str | None
             f"not {show(value)}"
         )
     return value
+
+
+def check_keys(keys: object) -> list[Any]:
+    """Many keys: any iterable of them but a single str (each key is checked by the caller)."""
+    if isinstance(keys, str | bytes) or not isinstance(keys, Iterable):
+        raise InvalidKeyError(f"keys must be an iterable of keys, not {type(keys).__name__}")
+    return list(keys)

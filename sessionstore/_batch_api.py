@@ -15,7 +15,8 @@ from typing_extensions import TypeVar
 
 from . import _args
 from ._batch import ImportResult, OfflineResult
-from .errors import ArgumentTypeError
+from .errors import ArgumentTypeError, BatchError
+from .frozen import check_key
 
 if TYPE_CHECKING:
     from ._core import StoreCore
@@ -43,6 +44,38 @@ class BatchMethods(Generic[T]):
         if prefix is not None and not isinstance(prefix, str):
             raise ArgumentTypeError(f"prefix must be a str or None, not {type(prefix).__name__}")
         return self._open_core().batches.keys(prefix)
+
+    def load_many(self, keys: Iterable[str], *, skip_unavailable: bool = False) -> list[str]:
+        """Load many keys with batched lease and read statements; the keys not loaded.
+
+        All or none: a key held elsewhere is waited for as ``load`` waits (a
+        live holder is asked to hand it over), and if one stays unavailable
+        the call raises :class:`LockUnavailableError` and keeps none of its
+        keys. With ``skip_unavailable=True``, keys held elsewhere are not
+        waited for: the rest load, and the held ones are returned.
+        """
+        _args.check_bool(skip_unavailable, "skip_unavailable")
+        wanted = sorted({check_key(key) for key in _args.check_keys(keys)})
+        self._refuse_reentry("load_many")
+        return self._open_core().loader.load_many(wanted, skip_unavailable=skip_unavailable)
+
+    def unload_many(self, keys: Iterable[str]) -> None:
+        """Unload many keys: batched final saves and releases.
+
+        Keys not loaded raise :class:`KeyNotLoadedError` before anything is
+        done. Keys whose final save failed stay loaded with their data, and
+        :class:`BatchError` names them (``errors``: key -> error).
+        """
+        wanted = sorted({check_key(key) for key in _args.check_keys(keys)})
+        self._refuse_reentry("unload_many")
+        core = self._open_core()
+        errors = core.saver.unload_many(wanted)
+        if errors:
+            raise BatchError(
+                f"{core.describe(None)}: {len(errors)} keys could not be unloaded: "
+                + ", ".join(sorted(errors)[:10]),
+                errors,
+            )
 
     def update_offline(
         self,

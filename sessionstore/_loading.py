@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from . import migrations as migrations_module
-from ._registry import KeyEntry
-from ._storage import LeaseInfo, StoredVersion
+from ._registry import KeyEntry, KeyState
+from ._storage import LeaseInfo, LoadedKey, StoredVersion
 from .errors import LoadCancelledError, LoadInProgressError, LockUnavailableError
 from .frozen import JSON, decode, freeze_json, thaw
 from .retry import AttemptWithBackoff, RetryPolicy
@@ -53,10 +53,19 @@ class Loader:
         except BaseException as exc:
             core.table.fail_load(entry, exc)
             raise
+        return self._finish(entry, token, acquired_at, None)
+
+    def _finish(
+        self, entry: KeyEntry, token: int, acquired_at: float, loaded: LoadedKey | None
+    ) -> KeyEntry:
+        """From the lease taken to LIVE: read (unless ``loaded``), build the session."""
+        core, key = self._core, entry.key
         try:
             if not core.table.lease_taken(entry, token):
                 raise self._cancelled(entry)
-            session = self._read_session(entry, token, acquired_at)
+            if loaded is None:
+                loaded = core.repo.read_for_load(key)
+            session = self._read_session(entry, token, acquired_at, loaded)
             if core.config.changed_callbacks:
                 # The callbacks get the data when the load is done: build its
                 # view now, so that JSON that does not parse fails the load.
@@ -77,6 +86,91 @@ class Loader:
         if core.config.changed_callbacks:
             core.fire_changed(key, session.data, None)
         return entry
+
+    def load_many(self, keys: Sequence[str], *, skip_unavailable: bool) -> list[str]:
+        """Load ``keys`` (sorted, unique) with batched lease and read statements.
+
+        Keys held elsewhere: waited for one by one (a live holder is asked to
+        hand over), and if one stays unavailable none of this call's keys is
+        kept (its error is raised); with ``skip_unavailable``, not waited for
+        but returned. A key whose data fails to load fails the call the same way.
+        """
+        core = self._core
+        mine = []
+        for key in keys:
+            entry, is_mine = core.table.begin_load(key, explicit=True, user=False)
+            if is_mine:
+                mine.append(entry)
+        taken: dict[str, tuple[KeyEntry, int, float]] = {}
+        unavailable: list[KeyEntry] = []
+        try:
+            step = core.config.save_batch_size
+            for start in range(0, len(mine), step):
+                chunk = mine[start : start + step]
+                self._take_many(chunk, taken, unavailable, wait=not skip_unavailable)
+        except BaseException as exc:
+            core.release_quietly([(key, token) for key, (_, token, _) in taken.items()])
+            for entry in mine:
+                core.table.fail_load(entry, exc)
+            raise
+        for entry in unavailable:
+            core.table.fail_load(entry, None)
+        self._finish_many(list(taken.values()))
+        return [entry.key for entry in unavailable]
+
+    def _take_many(
+        self,
+        entries: Sequence[KeyEntry],
+        taken: dict[str, tuple[KeyEntry, int, float]],
+        unavailable: list[KeyEntry],
+        *,
+        wait: bool,
+    ) -> None:
+        core = self._core
+        started = time.monotonic()
+        tokens = core.repo.acquire_many(
+            [e.key for e in entries], core.config.lock_duration, liveness=core.liveness
+        )
+        missing = []
+        for entry in entries:
+            token = tokens.get(entry.key)
+            if token is not None:
+                taken[entry.key] = (entry, token, started)
+            else:
+                missing.append(entry)
+        for entry in missing:
+            if wait:
+                token, acquired_at = self._acquire(entry)  # LockUnavailableError: none kept
+                taken[entry.key] = (entry, token, acquired_at)
+            else:
+                unavailable.append(entry)
+
+    def _finish_many(self, taken: Sequence[tuple[KeyEntry, int, float]]) -> None:
+        """Read the taken keys in batches and make them LIVE; on a failure, undo them all."""
+        core = self._core
+        done: list[KeyEntry] = []
+        step = core.config.save_batch_size
+        try:
+            for start in range(0, len(taken), step):
+                chunk = taken[start : start + step]
+                loaded = core.repo.read_many_for_load([entry.key for entry, _, _ in chunk])
+                for entry, token, acquired_at in chunk:
+                    done.append(self._finish(entry, token, acquired_at, loaded[entry.key]))
+        except BaseException:
+            # The key that failed released its own lease; the rest still wait here.
+            rest = [item for item in taken if item[0].state is KeyState.LOADING]
+            self._undo(done, rest)
+            raise
+
+    def _undo(self, done: Sequence[KeyEntry], rest: Sequence[tuple[KeyEntry, int, float]]) -> None:
+        """A ``load_many`` that fails keeps none of its keys."""
+        core = self._core
+        core.release_quietly([(entry.key, token) for entry, token, _ in rest])
+        for entry, _, _ in rest:
+            core.table.fail_load(entry, None)
+        for entry in done:
+            core.table.drop_explicit(entry)
+        core.saver.unload(list(done), last_user=True)
 
     def lease_for(self, key: str) -> KeyEntry:
         """A LOADING entry holding the key's lease, for work without a session (erase).
@@ -168,9 +262,10 @@ class Loader:
 
     # -- the data -------------------------------------------------------------------
 
-    def _read_session(self, entry: KeyEntry, token: int, acquired_at: float) -> Session:
+    def _read_session(
+        self, entry: KeyEntry, token: int, acquired_at: float, loaded: LoadedKey
+    ) -> Session:
         core, key = self._core, entry.key
-        loaded = core.repo.read_for_load(key)
         stored = loaded.stored
         if stored is not None:
             encoded, applied, dirty, _ = self.bring_forward(stored, key)

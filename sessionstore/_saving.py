@@ -245,6 +245,30 @@ class Saver:
                         raise errors[key]
                 return
 
+    def unload_many(self, keys: Sequence[str]) -> dict[str, Exception]:
+        """``Store.unload_many``: every key's final save and release, in batches; errors."""
+        core = self._core
+        missing = [key for key in keys if core.table.get(key) is None]
+        if missing:
+            raise KeyNotLoadedError(f"{core.describe(None)}: keys {missing[:10]} are not loaded")
+        errors: dict[str, Exception] = {}
+        live: list[KeyEntry] = []
+        for key in keys:
+            entry = core.table.get(key)
+            if entry is None or entry.state is not KeyState.LIVE:
+                try:
+                    self.unload_key(key)  # loading, closed or unloading: one by one
+                except KeyNotLoadedError:
+                    pass  # another thread's unload finished meanwhile
+                except SessionStoreError as exc:
+                    errors[key] = exc
+            elif core.table.drop_explicit(entry):
+                live.append(entry)
+        step = core.config.save_batch_size
+        for start in range(0, len(live), step):
+            errors.update(self.unload(live[start : start + step], last_user=True))
+        return errors
+
     def cancel_load(self, entry: KeyEntry, reason: str) -> bool:
         """Cancel a running load and wait for it; False if it had finished already."""
         core = self._core

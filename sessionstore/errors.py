@@ -10,6 +10,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable, Sequence
 
+from typing_extensions import Self
+
 if sys.version_info >= (3, 11):  # pragma: no cover - depends on the interpreter
     from builtins import ExceptionGroup
 else:  # pragma: no cover
@@ -17,6 +19,7 @@ else:  # pragma: no cover
 
 __all__ = [
     "ArgumentTypeError",
+    "BatchError",
     "CorruptDataError",
     "InvalidArgumentError",
     "InvalidDataError",
@@ -148,15 +151,15 @@ class ArgumentTypeError(SessionStoreError, TypeError):
     """A call or a Store option got a value of the wrong type; raised before any I/O."""
 
 
-class StoreCloseError(ExceptionGroup, SessionStoreError):
-    """``close()`` could not unload some keys; ``errors`` maps each key to its error.
+class BatchError(ExceptionGroup, SessionStoreError):
+    """A call over many keys failed for some; ``errors`` maps each key to its error.
 
     An ``ExceptionGroup`` too, so ``except*`` can pick out the kinds.
     """
 
     errors: dict[str, Exception]
 
-    def __new__(cls, message: str, errors: dict[str, Exception]) -> StoreCloseError:
+    def __new__(cls, message: str, errors: dict[str, Exception]) -> Self:
         self = super().__new__(cls, message, list(errors.values()))
         self.errors = dict(errors)
         return self
@@ -166,3 +169,7 @@ class StoreCloseError(ExceptionGroup, SessionStoreError):
 
     def derive(self, excs: Sequence[Exception]) -> ExceptionGroup[Exception]:  # type: ignore[override]
         return ExceptionGroup(self.message, list(excs))
+
+
+class StoreCloseError(BatchError):
+    """``close()`` could not unload some keys; ``errors`` maps each key to its error."""

@@ -146,3 +146,57 @@ def test_bad_batch_arguments(store: ss.Store) -> None:
         list(store.keys(prefix=3))  # type: ignore[arg-type]
     with pytest.raises(ss.InvalidKeyError):
         store.update_offline(inc, keys=[""])
+
+
+def test_load_many_and_unload_many(make_store: MakeStore, sql: Sql) -> None:
+    store = make_store()
+    keys = [f"k{i:04}" for i in range(1200)]
+    assert store.load_many(keys) == []
+    assert store.stats()["loaded"] == 1200
+    assert sql.scalar("SELECT count(*) FROM {s}.locks WHERE store = :store") == 1200
+    for key in keys[::100]:
+        store.update(key, inc)
+    store.load_many(keys[:10])  # already loaded: a no-op
+    store.unload_many(keys)
+    assert store.stats()["loaded"] == 0
+    assert sql.scalar("SELECT count(*) FROM {s}.locks WHERE store = :store") == 0
+    assert make_store().peek("k0100")["coins"] == 1
+    with pytest.raises(ss.KeyNotLoadedError):
+        store.unload_many(["k0001"])
+
+
+def test_load_many_is_all_or_none_against_a_live_holder_in_another_process(
+    make_store: MakeStore, spawn: Callable[..., Any], sql: Sql
+) -> None:
+    holder = spawn(refuse_handoff=True)
+    holder.ok("load", key="b")
+    store = make_store(lock_timeout=0.5)
+    with pytest.raises(ss.LockUnavailableError):
+        store.load_many(["a", "b", "c"])
+    assert store.stats()["loaded"] == 0
+    assert sql.scalar("SELECT count(*) FROM {s}.locks WHERE store = :store") == 1  # b only
+    assert store.load_many(["a", "b", "c"], skip_unavailable=True) == ["b"]
+    assert store.get("a") == {"coins": 0, "inventory": []} and store.stats()["loaded"] == 2
+    result = store.update_offline(inc, keys=["b", "d"])  # a live holder elsewhere refuses
+    assert result.held == ["b"] and result.updated == 1
+    assert holder.ok("get", key="b") == {"coins": 0}
+
+
+def test_load_many_waits_for_a_holder_that_hands_over(make_store: MakeStore) -> None:
+    other = make_store()
+    other.load("b")
+    other.update("b", inc)
+    store = make_store(lock_timeout=10.0)
+    assert store.load_many(["a", "b"]) == []
+    assert store.get("b")["coins"] == 1
+    assert store.stats()["handoffs_in"] == 1
+
+
+def test_a_load_many_that_fails_on_corrupt_data_keeps_none(make_store: MakeStore, sql: Sql) -> None:
+    store = make_store()
+    store.import_jsonl(export_of({"x": {"coins": 1, "inventory": []}}))
+    sql.execute("UPDATE {s}.versions SET checksum = checksum + 1 WHERE store = :store")
+    with pytest.raises(ss.CorruptDataError):
+        store.load_many(["a", "x", "z"])
+    assert store.stats()["loaded"] == 0
+    assert sql.scalar("SELECT count(*) FROM {s}.locks WHERE store = :store") == 0

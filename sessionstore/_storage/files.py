@@ -37,6 +37,7 @@ __all__ = [
     "prune_versions",
     "read_for_load",
     "read_many",
+    "read_many_for_load",
     "read_version",
     "write_streamed",
     "write_versions",
@@ -113,12 +114,21 @@ class _Statements:
             f"SELECT * FROM {s}.versions v WHERE v.store = %(store)b AND v.key = %(key)b "
             "ORDER BY v.version DESC LIMIT 1) AS v ON true"
         )
-        # The newest version of many keys (a batch of offline edits, an export).
-        self.read_many = (
-            f"SELECT k.key AS wanted, v.key, {columns}, v.inline, {shards} "
+        # The newest version of many keys (a batch of offline edits, an
+        # export), and with each key's bookkeeping for load_many.
+        many = (
             "FROM unnest(CAST(%(keys)b AS text[])) AS k(key) LEFT JOIN LATERAL ("
             f"SELECT * FROM {s}.versions v WHERE v.store = %(store)b AND v.key = k.key "
             "ORDER BY v.version DESC LIMIT 1) AS v ON true"
+        )
+        self.read_many = f"SELECT k.key AS wanted, {columns}, v.inline, {shards} {many}"
+        self.read_many_for_load = (
+            f"SELECT k.key AS wanted, {columns}, v.inline, {shards}, "
+            f"ARRAY(SELECT r.request_id FROM {s}.applied_requests r "
+            "WHERE r.store = %(store)b AND r.key = k.key "
+            "ORDER BY r.version DESC, r.idx DESC LIMIT %(retention)b) AS requests, "
+            f"EXISTS (SELECT 1 FROM {s}.messages m "
+            f"WHERE m.store = %(store)b AND m.key = k.key) AS has_messages {many}"
         )
         # One page of the saved keys, in key order, after :after (keyset paging:
         # bounded memory, no cursor held open across pages).
@@ -678,6 +688,26 @@ def read_many(
         row.wanted: None
         if row.version is None
         else _stored(row, f"store {store!r} key {row.wanted!r} version {row.version}")
+        for row in rows
+    }
+
+
+def read_many_for_load(
+    conn: sa.Connection, schema: str, store: str, keys: Sequence[str], retention: int
+) -> dict[str, LoadedKey]:
+    """:func:`read_for_load` of many keys, in one statement."""
+    with driver_cursor(conn, binary=True) as cursor:
+        params = {"store": store, "keys": list(keys), "retention": retention}
+        sql = statements(schema).read_many_for_load
+        rows = cursor.execute(sql, params, prepare=False).fetchall()
+    return {
+        row.wanted: LoadedKey(
+            None
+            if row.version is None
+            else _stored(row, f"store {store!r} key {row.wanted!r} version {row.version}"),
+            tuple(row.requests),
+            bool(row.has_messages),
+        )
         for row in rows
     }
 

@@ -155,6 +155,14 @@ class Repository:
     def read_many(self, keys: Sequence[str]) -> dict[str, StoredVersion | None]:
         return self.run("read", lambda c: files.read_many(c, self.schema, self.store, keys))
 
+    def read_many_for_load(self, keys: Sequence[str]) -> dict[str, LoadedKey]:
+        return self.run(
+            "read",
+            lambda c: files.read_many_for_load(
+                c, self.schema, self.store, keys, self.request_retention
+            ),
+        )
+
     def keys_page(self, after: str, prefix: str | None, limit: int) -> list[str]:
         return self.run(
             "list keys",
