@@ -126,7 +126,7 @@ class Messages:
             return handler(key, data, message.body)
 
         try:
-            committed, change = session.update(transform)
+            committed, change = session.update(transform, message_id=message.id)
         except SessionStoreError as exc:
             if session.closed or session.entry.state is KeyState.UNLOADING:
                 raise
@@ -138,8 +138,8 @@ class Messages:
                 exc,
                 exc_info=True,
             )
+            session.skip_message(message.id)
             committed, change = False, None
-        session.record_message(message.id, applied=bool(committed), changed=change is not None)
         if committed:
             core.stats.add("messages_applied")
         return change

@@ -312,19 +312,28 @@ class Session:
         return change
 
     def update(
-        self, fn: Callable[[Any], Any], request_id: str | None = None
+        self,
+        fn: Callable[[Any], Any],
+        request_id: str | None = None,
+        message_id: int | None = None,
     ) -> tuple[bool | None, Change | None]:
         """Run a mutating transform; ``(committed, the change or None if nothing changed)``.
 
         With ``request_id`` (an idempotency key) already applied, ``fn`` is not
         run and ``committed`` is None; committed, the id is recorded with
-        the change (a save is due even if the data did not change).
+        the change (a save is due even if the data did not change). With
+        ``message_id`` (``fn`` applies that message), the message is marked
+        handled and, committed, recorded for deletion by the next write:
+        under the same lock as the change, so no save can take the change
+        without the deletion.
         """
         with self.mutex:
             self._wait_for_tx()
             self.check_open()
             if request_id is not None and self.has_applied(request_id):
                 return None, None
+            if message_id is not None:
+                self.seen_message = max(self.seen_message, message_id)
             work = self._spare if self._spare is not None else self.decode()
             self._spare = None  # the transform may change it, commit or not
             verdict = run_transform(fn, work, self._context)
@@ -338,6 +347,8 @@ class Session:
             change = self._commit(work)
             if request_id is not None:
                 self._record(request_id, changed=change is not None)
+            if message_id is not None:
+                self._record_message(message_id, changed=change is not None)
             return True, change
 
     def apply_hook(self, hook: Callable[[Any], Any]) -> Change | None:
@@ -374,17 +385,18 @@ class Session:
         if not changed:
             self.change_seq += 1
 
-    def record_message(self, message_id: int, *, applied: bool, changed: bool) -> None:
-        """A message was handled: applied (its row goes with the next write) or kept."""
+    def _record_message(self, message_id: int, *, changed: bool) -> None:
+        """An applied message: the next write deletes its row (caller holds ``cond``)."""
+        if self.new_messages is None:
+            self.new_messages = []
+        self.new_messages.append(message_id)
+        if not changed:
+            self.change_seq += 1
+
+    def skip_message(self, message_id: int) -> None:
+        """A message whose handler failed stays waiting; not offered again in this session."""
         with self.cond:
             self.seen_message = max(self.seen_message, message_id)
-            if not applied:
-                return
-            if self.new_messages is None:
-                self.new_messages = []
-            self.new_messages.append(message_id)
-            if not changed:
-                self.change_seq += 1
 
     def update_immutable(self, fn: Callable[[Any], Any]) -> tuple[bool, Change | None]:
         """Run a copy-on-write transform; ``(committed, the change or None if nothing changed)``."""

@@ -224,7 +224,8 @@ def test_messages_whose_notify_was_missed_are_found_by_autosave(
     holder.load("p")
     # Inserted behind the library's back: no NOTIFY is sent.
     sql.execute(
-        "INSERT INTO {s}.messages (store, key, body) VALUES (:store, 'p', '{\"gift\": \"quiet\"}')"
+        "INSERT INTO {s}.messages (store, key, body, nonce) "
+        "VALUES (:store, 'p', '{\"gift\": \"quiet\"}', gen_random_uuid())"
     )
     wait_until(lambda: holder.get("p").get("gifts") == ["quiet"], 5.0, "the sweep to deliver it")
     wait_until(lambda: pending(sql, "p") == [], 5.0, "autosave to delete it")
@@ -255,7 +256,8 @@ def test_messages_announced_while_the_control_connection_was_down_are_found_on_r
     holder.load("p")
     # Stored without a NOTIFY, as if it were sent while the holder was not listening.
     sql.execute(
-        "INSERT INTO {s}.messages (store, key, body) VALUES (:store, 'p', '{\"gift\": \"lost\"}')"
+        "INSERT INTO {s}.messages (store, key, body, nonce) "
+        "VALUES (:store, 'p', '{\"gift\": \"lost\"}', gen_random_uuid())"
     )
     control = sql.scalar(
         "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2 "
@@ -266,3 +268,55 @@ def test_messages_announced_while_the_control_connection_was_down_are_found_on_r
     assert control, "the holder's control connection holds its advisory lock"
     assert sql.scalar("SELECT pg_terminate_backend(:pid)", pid=control)
     wait_until(lambda: holder.get("p").get("gifts") == ["lost"], 5.0, "delivery on reconnect")
+
+
+def test_a_save_right_after_the_handler_deletes_the_message_with_its_effect(
+    make_store: MakeStore, sql: Sql, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A save that runs the moment the handler's update returns carries the deletion too.
+
+    Found by the chaos suite: the message was recorded for deletion only after
+    the update released the key, so a save in between stored the gift, kept
+    the row, and the next holder applied the gift a second time.
+    """
+    holder = make_store(message_handler=Inbox())
+    holder.load("p")
+    original = ss.store.Session.update
+    saved_between = threading.Event()
+
+    def update_then_save(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        outcome = original(self, fn, *args, **kwargs)
+        if threading.current_thread().name.startswith("sessionstore-callbacks-"):
+            saver = threading.Thread(target=holder.save, args=("p",))
+            saver.start()  # another thread saves before the delivery goes on
+            saver.join(10)
+            saved_between.set()
+        return outcome
+
+    monkeypatch.setattr(ss.store.Session, "update", update_then_save)
+    make_store().send_message("p", {"gift": "x"})
+    assert saved_between.wait(10)
+    monkeypatch.undo()
+    holder.unload("p")
+    assert pending(sql, "p") == []
+    heir = make_store(message_handler=Inbox())
+    heir.load("p")
+    assert heir.get("p")["gifts"] == ["x"]
+
+
+def test_a_retried_send_whose_commit_was_not_acknowledged_stores_one_message(
+    store: ss.Store, sql: Sql
+) -> None:
+    """The repository retries a send with the same nonce: the retry finds the first row."""
+    from sessionstore._storage import messages
+
+    with sql.engine.connect() as conn:
+        first = messages.send(conn, sql.schema, sql.store, "p", '{"gift": 1}', 10, NONCE)
+        conn.commit()
+        again = messages.send(conn, sql.schema, sql.store, "p", '{"gift": 1}', 10, NONCE)
+        conn.commit()
+    assert first is not None and again == first
+    assert pending(sql, "p") == [{"gift": 1}]
+
+
+NONCE = "8f0e6a51-3a0c-4f47-9a53-1f2b7d3c9e10"

@@ -67,6 +67,9 @@ def upgrade() -> None:
         # Send order across all keys: one sequence (the coordinator's on Citus).
         sa.Column("id", sa.BigInteger(), sa.Identity(always=True), nullable=False),
         sa.Column("body", postgresql.JSONB(), nullable=False),
+        # The sender's id for this send: a retry of a send whose commit was
+        # not acknowledged finds its row instead of storing a second one.
+        sa.Column("nonce", postgresql.UUID(as_uuid=True), nullable=False),
         sa.Column(
             "sent_at",
             sa.DateTime(timezone=True),
@@ -74,6 +77,7 @@ def upgrade() -> None:
             server_default=sa.text("clock_timestamp()"),
         ),
         sa.PrimaryKeyConstraint("store", "key", "id", name="messages_pkey"),
+        sa.UniqueConstraint("store", "key", "nonce", name="messages_nonce_key"),
         schema=s,
     )
 

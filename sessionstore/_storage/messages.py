@@ -32,17 +32,21 @@ class _Statements:
             "SELECT pg_advisory_xact_lock(hashtext('sessionstore.messages'), "
             "hashtext(:store || '/' || :key))"
         )
-        # Room is counted up to :max only (an index range, never the whole queue).
+        # Room is counted up to :max only (an index range, never the whole
+        # queue). A retry of this very send (same nonce) finds its row.
         self.send = sa.text(f"""
-WITH room AS (
-    SELECT count(*) < :max AS ok
+WITH earlier AS (
+    SELECT id FROM {s}.messages
+    WHERE store = :store AND key = :key AND nonce = CAST(:nonce AS uuid)
+), room AS (
+    SELECT count(*) < :max AND NOT EXISTS (SELECT 1 FROM earlier) AS ok
     FROM (SELECT 1 FROM {s}.messages WHERE store = :store AND key = :key LIMIT :max) AS m
 ), sent AS (
-    INSERT INTO {s}.messages (store, key, body)
-    SELECT :store, :key, CAST(:body AS jsonb) FROM room WHERE ok
+    INSERT INTO {s}.messages (store, key, body, nonce)
+    SELECT :store, :key, CAST(:body AS jsonb), CAST(:nonce AS uuid) FROM room WHERE ok
     RETURNING id
 )
-SELECT (SELECT id FROM sent) AS id,
+SELECT coalesce((SELECT id FROM sent), (SELECT id FROM earlier)) AS id,
        (SELECT count(pg_notify({message_channel_sql("l.holder")}, :key))
         FROM {s}.locks l
         WHERE l.store = :store AND l.key = :key AND l.expires_at > clock_timestamp()
@@ -64,11 +68,21 @@ def _sql(schema: str) -> _Statements:
 
 
 def send(
-    conn: sa.Connection, schema: str, store: str, key: str, body: str, max_pending: int
+    conn: sa.Connection,
+    schema: str,
+    store: str,
+    key: str,
+    body: str,
+    max_pending: int,
+    nonce: str,
 ) -> int | None:
-    """Store a message (JSON text) for ``key``; its id, or None if the key's queue is full."""
+    """Store a message (JSON text) for ``key``; its id, or None if the key's queue is full.
+
+    ``nonce`` identifies this send across retries: an attempt whose commit
+    was not acknowledged is found, not stored again.
+    """
     sql = _sql(schema)
-    params = {"store": store, "key": key, "body": body, "max": max_pending}
+    params = {"store": store, "key": key, "body": body, "max": max_pending, "nonce": nonce}
     with driver_connection(conn).transaction():
         conn.execute(sql.lock, params)
         found = conn.execute(sql.send, params).scalar()

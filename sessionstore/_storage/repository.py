@@ -10,6 +10,7 @@ and returns an outcome per key: the save path's last step.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import TypeVar
@@ -212,9 +213,10 @@ class Repository:
         )
 
     def send_message(self, key: str, body: str, max_pending: int) -> int | None:
+        nonce = str(uuid.uuid4())  # one per call: its retries are the same send
         return self.run(
             "send message",
-            lambda c: messages.send(c, self.schema, self.store, key, body, max_pending),
+            lambda c: messages.send(c, self.schema, self.store, key, body, max_pending, nonce),
         )
 
     def pending_messages(self, key: str, after: int, limit: int) -> list[Message]:
