@@ -17,6 +17,19 @@ start (right after its Store was made) and now and then mid-life, it changes
 a key, forks a short-lived child that works with the inherited Store as a
 writer of its own (logged in the same file under its own worker id), waits
 for it, then saves the key it changed before the fork.
+
+A chaos worker also sends gifts (``send_message`` to a random key, the
+gift's id unique in the run), which every worker's ``message_handler``
+appends to ``data["gifts"]``, and applies purchase receipts to keys it holds
+(``update(durable=True, idempotency_key=receipt id)``, appending the id to
+``data["receipts"]`` and its amount to ``data["paid"]``). Each is logged
+before the call (``gift_try``, ``receipt_try``: the target, in case the
+process dies in the call) and after it: ``gift_sent`` / ``receipt_ack`` once
+the call returned (durable), ``gift_maybe`` / ``receipt_maybe`` when it
+raised. Now and then it applies again a receipt acknowledged before (it must
+return False without running the transform, else ``receipt_bad``) or
+retries one whose attempt raised or was cut short by a kill (True or False:
+False means applied and durable, so both are acknowledgements).
 """
 
 from __future__ import annotations
@@ -35,6 +48,20 @@ import traceback
 from typing import Any, NoReturn
 
 CHAOS_TEMPLATE: dict[str, Any] = {"coins": 0, "inc": {}, "chk": {}}
+
+
+def receipt_amount(rid: str) -> int:
+    """What a receipt adds to ``data["paid"]``: written in its id (``<...>:<amount>``)."""
+    return int(rid.rpartition(":")[2])
+
+
+def apply_gift(key: str, data: dict[str, Any], message: Any) -> bool:
+    """The chaos ``message_handler``: append the gift's id to ``data["gifts"]``.
+
+    No de-duplication: a gift applied twice must show in the stored data.
+    """
+    data.setdefault("gifts", []).append(message["gift"])
+    return True
 
 
 def _skew_clock(seconds: float) -> None:
@@ -283,9 +310,17 @@ class ChaosWorker:
         self.incarnation = int(config.get("incarnation", 0))
         self.forking = bool(config.get("fork", False))
         self.forks = 0
+        self.child = False  # a forked child (it must leave through atexit)
         # Keys another process may not have for now (the key changed before a fork
         # stays ours until the parent saved it after the child exited).
         self.guarded: set[str] = set()
+        self.gifts = 0  # gifts and receipts made by this process (their ids' sequence)
+        self.receipts = 0
+        # Receipt id -> key: acknowledged, and tried without an acknowledgement, by any
+        # incarnation of this worker or its children (from the log: kill -9 included).
+        self.acked_receipts: dict[str, str] = {}
+        self.unsure_receipts: dict[str, str] = {}
+        self.read_receipts()
         engine = db.create_engine(_dsn(config), application_name=self.app, pool_size=4)
         self.store = ss.Store(
             config["name"],
@@ -293,6 +328,7 @@ class ChaosWorker:
             dsn=engine,
             db_schema=config["schema"],
             on_handoff_request=self.may_hand_over,
+            message_handler=self.on_message,
             **config["options"],
         )
         self.held: set[str] = set()
@@ -308,6 +344,121 @@ class ChaosWorker:
 
     def may_hand_over(self, key: str) -> bool:
         return key not in self.guarded
+
+    def read_receipts(self) -> None:
+        """The receipts earlier incarnations (and their children) acknowledged or left unsure."""
+        tried: dict[str, str] = {}
+        with contextlib.suppress(FileNotFoundError), open(self.log_path) as log:
+            for line in log:
+                try:
+                    e = json.loads(line)
+                except ValueError:
+                    continue
+                if e["event"] == "receipt_try":
+                    tried[e["rid"]] = e["key"]
+                elif e["event"] == "receipt_ack":
+                    self.acked_receipts[e["rid"]] = e["key"]
+        self.unsure_receipts = {
+            rid: key for rid, key in tried.items() if rid not in self.acked_receipts
+        }
+
+    # -- gifts (messages) and receipts (idempotency keys) ------------------------------
+
+    def on_message(self, key: str, data: dict[str, Any], message: Any) -> bool:
+        """The ``message_handler``: in memory only (the save that carries it deletes the row)."""
+        applied = apply_gift(key, data, message)
+        self.emit("gift_applied", key=key, gift=message["gift"], pid=os.getpid())
+        return applied
+
+    def send_gift(self) -> None:
+        """Send a gift to a random key; ``gift_sent`` once send_message returned (durable)."""
+        self.gifts += 1
+        gift = f"g{self.wid}:{self.incarnation}:{self.gifts}"
+        key = self.rng.choice(self.keys)
+        self.emit("gift_try", key=key, gift=gift)
+        try:
+            mid = self.store.send_message(key, {"gift": gift})
+        except self.ss.MessageQueueFullError:
+            self.emit("gift_refused", key=key, gift=gift)
+            return
+        except self.expected as exc:
+            self.emit("gift_maybe", key=key, gift=gift, error=type(exc).__name__)
+            raise
+        self.emit("gift_sent", key=key, gift=gift, id=mid)
+        if key in self.held and not self.child and not self.guarded and self.rng.random() < 0.1:
+            self.die_with_gift(key, gift)
+
+    def die_with_gift(self, key: str, gift: str) -> None:
+        """Exit abruptly once our handler applied ``gift`` to ``key`` and before it is saved.
+
+        Its message row stays (only the write carrying the gift deletes it):
+        the key's next holder must apply it again, to the data as last saved.
+        """
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            if gift in self.store.get(key).get("gifts", ()):
+                if not self.store.is_saved(key):
+                    self.emit("exit", how="abrupt-after-gift", key=key, gift=gift)
+                    os._exit(0)
+                return
+            time.sleep(0.002)
+
+    def receipt(self, key: str) -> None:
+        """Apply a receipt to a held key: a new one, an acknowledged one again, or a retry."""
+        rng = self.rng
+        roll = rng.random()
+        again = sorted(rid for rid, k in self.acked_receipts.items() if k == key)
+        unsure = sorted(rid for rid, k in self.unsure_receipts.items() if k == key)
+        if unsure and roll < 0.5:
+            self.apply_receipt(key, rng.choice(unsure), "retry")
+        elif again and roll < 0.7:
+            self.apply_receipt(key, rng.choice(again), "repeat")
+        else:
+            self.receipts += 1
+            rid = f"r{self.wid}:{self.incarnation}:{self.receipts}:{rng.randint(1, 99)}"
+            self.apply_receipt(key, rid, "new")
+
+    def apply_receipt(self, key: str, rid: str, mode: str) -> None:
+        """``update(durable=True, idempotency_key=rid)``, its outcome logged.
+
+        ``new``: must return True. ``repeat`` (acknowledged before): must return
+        False without running the transform. ``retry`` (an attempt raised or was
+        killed): True or False, both durable on return.
+        """
+        amount = receipt_amount(rid)
+        calls = 0
+
+        def pay(data: dict[str, Any]) -> bool:
+            nonlocal calls
+            calls += 1
+            data.setdefault("receipts", []).append(rid)
+            data["paid"] = int(data.get("paid", 0)) + amount
+            return True
+
+        self.emit("receipt_try", key=key, rid=rid, mode=mode)
+        if mode != "repeat":
+            self.unsure_receipts[rid] = key  # until acknowledged
+        try:
+            applied = self.store.update(key, pay, durable=True, idempotency_key=rid)
+        except self.expected as exc:
+            if mode == "repeat" and calls:
+                self.emit("receipt_bad", key=key, rid=rid, why="a repeat ran the transform")
+            elif mode != "repeat":
+                self.emit("receipt_maybe", key=key, rid=rid, error=type(exc).__name__)
+            raise
+        if mode == "repeat":
+            if applied or calls:
+                why = f"a repeat of an acknowledged receipt returned {applied} ({calls} calls)"
+                self.emit("receipt_bad", key=key, rid=rid, why=why)
+            else:
+                self.emit("receipt_repeat", key=key, rid=rid)
+            return
+        if mode == "new" and not applied:
+            self.emit("receipt_bad", key=key, rid=rid, why="a new receipt returned False")
+        via = mode if applied else f"{mode}-false"
+        self.emit("receipt_ack", key=key, rid=rid, via=via, calls=calls)
+        self.unsure_receipts.pop(rid, None)
+        self.acked_receipts[rid] = key
 
     def emit(self, event: str, **fields: Any) -> None:
         line = json.dumps({"event": event, "w": self.wid, "t": round(time.time(), 4), **fields})
@@ -347,8 +498,15 @@ class ChaosWorker:
 
     def step(self) -> None:
         rng = self.rng
-        roll = rng.random()
         held = sorted(self.held)
+        extra = rng.random()
+        if extra < 0.06:
+            self.send_gift()
+            return
+        if extra < 0.14 and held:
+            self.receipt(rng.choice(held))
+            return
+        roll = rng.random()
         if roll < 0.25 and len(held) < 3:
             key = rng.choice([k for k in self.keys if k not in self.held])
             self.store.load(key)
@@ -528,7 +686,9 @@ class ChaosWorker:
                 "errors": errors,
             }
             self.wid = child
+            self.child = True
             self.held = set()
+            self.gifts = self.receipts = 0  # the ids carry the child's own worker id
             self.rng = random.Random(f"{self.seed}:{child}")
             self.child_work(parent_holder, parent_pid, avoid)
             code = 0
@@ -574,7 +734,10 @@ class ChaosWorker:
     def child_step(self, keys: list[str]) -> None:
         """One unit of the child's work; what it acknowledges was saved by a call that returned."""
         rng = self.rng
-        if rng.random() < 0.3:
+        roll = rng.random()
+        if roll < 0.1:
+            self.send_gift()
+        elif roll < 0.35:
             source, target = rng.sample(keys, 2)
             with self.store.session(source), self.store.session(target):
                 self.increment(source)
@@ -588,6 +751,8 @@ class ChaosWorker:
                 for _ in range(rng.randint(1, 3)):
                     s.update(self.bump)
                 n = int(s.get()["inc"].get(self.wid, 0))
+                if rng.random() < 0.3:
+                    self.receipt(key)
             self.ack(key, n, "child-session")
 
     # -- the loop -----------------------------------------------------------------------

@@ -15,6 +15,18 @@ holders, and no holder id used by two processes (a child has its own, sees
 none of its parent's keys, exits through atexit without touching its parent's
 lease or connections).
 
+The workers also send each other gifts as messages (``send_message``; every
+Store's ``message_handler`` appends the gift to the key's ``gifts``) and
+apply purchase receipts with idempotency keys (``update(durable=True,
+idempotency_key=...)``, appending to ``receipts``), repeating acknowledged
+ones and retrying unsure ones. The database must show every acknowledged
+gift exactly once (in its target's data or still waiting in ``messages``),
+an unsure one at most once, none anywhere else; no receipt twice, every
+acknowledged one once, each recorded in ``applied_requests`` with the version
+that first carried it; ``gifts`` and ``receipts`` only ever appended to; and
+a last Store with the handler, loading every key, applies each gift left
+waiting exactly once.
+
 ``SESSIONSTORE_CHAOS_SEED`` and ``SESSIONSTORE_CHAOS_SECONDS`` choose the seed
 and the length (default: a random seed, printed, and 30 s).
 
@@ -45,9 +57,10 @@ from typing import Any
 
 import psycopg
 import pytest
-from chaos_worker import HOLDER_LOCK_SQL, WORKER, Child, pid_alive
+from chaos_worker import HOLDER_LOCK_SQL, WORKER, Child, apply_gift, pid_alive, receipt_amount
 
 import sessionstore as ss
+from sessionstore import db
 
 LEASE = {
     "lock_duration": 2.0,
@@ -405,7 +418,9 @@ def dump_versions(dsn: str, schema: str, name: str, checker: ss.Store, path: Pat
         for key, version, holder, token, at in rows:
             data, _ = checker.read_version(key, version)
             record = {"key": key, "v": version, "holder": holder, "token": token, "t": at}
-            out.write(json.dumps({**record, "inc": data["inc"], "coins": data["coins"]}) + "\n")
+            record.update(inc=data["inc"], coins=data["coins"], paid=data.get("paid", 0))
+            record.update(gifts=data.get("gifts", []), receipts=data.get("receipts", []))
+            out.write(json.dumps(record) + "\n")
         for key, holder, token, pid, expires in leases:
             lease = {"lease": key, "holder": holder, "token": token, "pid": pid, "expires": expires}
             out.write(json.dumps(lease) + "\n")
@@ -426,6 +441,8 @@ def check_database(dsn: str, schema: str, name: str, workdir: Path, run: Run) ->
 
     checker = ss.Store(name, template={"coins": 0, "inc": {}, "chk": {}}, dsn=dsn, db_schema=schema)
     dump_versions(dsn, schema, name, checker, workdir / "versions.jsonl")
+    # (key, gift or receipt id) -> the first version whose data has it.
+    first_seen: dict[str, dict[tuple[str, str], int]] = {"gifts": {}, "receipts": {}}
     try:
         current: dict[str, Any] = {}
         versions_total = 0
@@ -437,8 +454,31 @@ def check_database(dsn: str, schema: str, name: str, workdir: Path, run: Run) ->
             )
             previous: dict[str, int] = {}
             last_token = 0
+            lists: dict[str, list[str]] = {"gifts": [], "receipts": []}
             for info in infos:
                 data, _ = checker.read_version(key, info.version)
+                for name_, before in lists.items():
+                    now = list(data.get(name_, []))
+                    assert now[: len(before)] == before, (
+                        f"{key} v{info.version}: {name_} are not the previous version's "
+                        f"with more appended (lost or reordered): {before} -> {now}"
+                    )
+                    repeated = {
+                        x: f"first in v{first_seen[name_].get((key, x), info.version)}"
+                        for x in now
+                        if now.count(x) > 1
+                    }
+                    assert not repeated, (
+                        f"{key} v{info.version}: {name_} applied twice: {repeated} "
+                        "(versions.jsonl has every version's writer and lists)"
+                    )
+                    first_seen[name_].update({(key, x): info.version for x in now[len(before) :]})
+                    lists[name_] = now
+                paid = sum(receipt_amount(rid) for rid in lists["receipts"])
+                assert data.get("paid", 0) == paid, (
+                    f"{key} v{info.version}: paid {data.get('paid', 0)} but its receipts "
+                    f"add up to {paid}"
+                )
                 assert info.token >= last_token, f"{key} v{info.version}: token went backwards"
                 last_token = info.token
                 for w, n in data["inc"].items():
@@ -469,6 +509,12 @@ def check_database(dsn: str, schema: str, name: str, workdir: Path, run: Run) ->
         ).fetchall()
     assert shared == [], f"(key, token) written by several holders: {shared}"
 
+    gifts = check_gifts(dsn, schema, name, events, current)
+    receipts = check_receipts(dsn, schema, name, events, current, first_seen["receipts"])
+    processes = check_processes(dsn, schema, name, events, run)
+    # Last: its Store writes versions and takes leases no worker logged.
+    gifts.update(drain_messages(dsn, schema, name, workdir, current))
+
     return {
         "acks": sum(1 for e in events if e["event"] == "ack"),
         "tx_or_saves_acked_slots": len(acked),
@@ -476,8 +522,205 @@ def check_database(dsn: str, schema: str, name: str, workdir: Path, run: Run) ->
         "expected_errors": sum(1 for e in events if e["event"] == "expected"),
         "worker_starts": sum(1 for e in events if e["event"] == "start"),
         "voluntary_exits": sum(1 for e in events if e["event"] == "exit"),
-        **check_processes(dsn, schema, name, events, run),
+        **processes,
+        **gifts,
+        **receipts,
     }
+
+
+def pending_messages(dsn: str, schema: str, name: str) -> list[tuple[str, int, Any]]:
+    """``(key, id, body)`` of every message still waiting, in id order."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            f'SELECT key, id, body FROM "{schema}".messages WHERE store = %s ORDER BY id',
+            (name,),
+        ).fetchall()
+    return [(key, mid, body) for key, mid, body in rows]
+
+
+def check_gifts(
+    dsn: str, schema: str, name: str, events: list[dict[str, Any]], current: dict[str, Any]
+) -> dict[str, Any]:
+    """Every acknowledged gift exactly once, an unsure one at most once, all at their target.
+
+    "Once" counts the target's saved ``gifts`` and the messages still waiting
+    for it: a holder that applied a gift and died before saving left its row.
+    """
+    target: dict[str, str] = {}
+    for e in events:
+        if e["event"] == "gift_try":
+            assert target.setdefault(e["gift"], e["key"]) == e["key"], f"gift id reused: {e}"
+    sent = {e["gift"]: e for e in events if e["event"] == "gift_sent"}
+    maybe = {e["gift"] for e in events if e["event"] == "gift_maybe"}
+    refused = {e["gift"] for e in events if e["event"] == "gift_refused"}
+
+    found: dict[str, list[str]] = defaultdict(list)  # gift -> where: "<key>" or "<key> pending"
+    for key, doc in current.items():
+        for gift in doc.get("gifts", []):
+            found[gift].append(key)
+    pending = pending_messages(dsn, schema, name)
+    waiting_ids = {}
+    for key, mid, body in pending:
+        found[body["gift"]].append(f"{key} pending")
+        waiting_ids[body["gift"]] = mid
+
+    unknown = sorted(gift for gift in found if gift not in target)
+    assert unknown == [], f"gifts in the database that no worker tried to send: {unknown}"
+    misplaced = {
+        gift: places
+        for gift, places in found.items()
+        if any(place.split()[0] != target[gift] for place in places)
+    }
+    targets = {gift: target[gift] for gift in misplaced}
+    assert misplaced == {}, f"gifts outside their target key: {misplaced} (targets {targets})"
+    twice = {gift: places for gift, places in found.items() if len(places) > 1}
+    assert twice == {}, (
+        "gifts applied or stored more than once ("
+        + ", ".join(
+            f"{gift}: {places}, "
+            + ("acknowledged" if gift in sent else "maybe" if gift in maybe else "unlogged")
+            for gift, places in sorted(twice.items())
+        )
+        + ")"
+    )
+    lost = sorted(
+        f"{gift} -> {e['key']} (message {e['id']})" for gift, e in sent.items() if gift not in found
+    )
+    assert lost == [], f"acknowledged gifts neither in their key's data nor waiting: {lost}"
+    wrong_id = {
+        gift: (sent[gift]["id"], mid)
+        for gift, mid in waiting_ids.items()
+        if gift in sent and sent[gift]["id"] != mid
+    }
+    assert wrong_id == {}, f"waiting gifts whose message id is not the one sent: {wrong_id}"
+    stored_refused = sorted(refused & set(found))
+    assert stored_refused == [], f"gifts refused (queue full) yet stored: {stored_refused}"
+    unsure = set(target) - set(sent) - refused
+    applications: dict[str, int] = defaultdict(int)
+    for e in events:
+        if e["event"] == "gift_applied":
+            applications[e["gift"]] += 1
+    return {
+        "gifts_sent": len(sent),
+        "gifts_unsure": f"{len(unsure & set(found))}/{len(unsure)} landed ({len(maybe)} raised)",
+        "gifts_refused": len(refused),
+        "gifts_waiting": len(pending),
+        "gift_applications": sum(applications.values()),
+        # Applied in memory more than once: the holder died, or lost the key, before saving.
+        "gifts_reapplied": sum(1 for n in applications.values() if n > 1),
+        "exits_after_gift": sum(
+            1 for e in events if e["event"] == "exit" and e["how"] == "abrupt-after-gift"
+        ),
+    }
+
+
+def check_receipts(
+    dsn: str,
+    schema: str,
+    name: str,
+    events: list[dict[str, Any]],
+    current: dict[str, Any],
+    first_seen: dict[tuple[str, str], int],
+) -> dict[str, Any]:
+    """No receipt applied twice, every acknowledged one once, each in ``applied_requests``.
+
+    A receipt's row in ``applied_requests`` must name the version that first
+    carried it in the data (they are written together), and every row a
+    receipt of that key's data. A repeat of an acknowledged receipt must have
+    returned False without running its transform (``receipt_bad`` otherwise).
+    """
+    bad = [e for e in events if e["event"] == "receipt_bad"]
+    assert bad == [], "idempotency keys not honoured:\n" + "\n".join(map(str, bad))
+    target: dict[str, str] = {}
+    for e in events:
+        if e["event"] == "receipt_try":
+            assert target.setdefault(e["rid"], e["key"]) == e["key"], f"receipt id reused: {e}"
+    acked: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for e in events:
+        if e["event"] == "receipt_ack":
+            acked[e["rid"]].append(e)
+
+    found: dict[str, list[str]] = defaultdict(list)
+    for key, doc in current.items():
+        for rid in doc.get("receipts", []):
+            found[rid].append(key)
+    unknown = sorted(rid for rid in found if rid not in target)
+    assert unknown == [], f"receipts in the database that no worker applied: {unknown}"
+    twice = {rid: keys for rid, keys in found.items() if len(keys) > 1}
+    assert twice == {}, f"receipts applied more than once: {twice}"
+    misplaced = {rid: keys[0] for rid, keys in found.items() if keys[0] != target[rid]}
+    assert misplaced == {}, f"receipts in a key they were not applied to: {misplaced}"
+    lost = {rid: [e["via"] for e in es] for rid, es in acked.items() if rid not in found}
+    assert lost == {}, f"acknowledged receipts missing from their key's data: {lost}"
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            f'SELECT key, request_id, version FROM "{schema}".applied_requests WHERE store = %s',
+            (name,),
+        ).fetchall()
+    recorded = {(key, rid): version for key, rid, version in rows}
+    in_data = {(keys[0], rid) for rid, keys in found.items()}
+    unrecorded = sorted(in_data - set(recorded))
+    assert unrecorded == [], f"receipts in the data but not in applied_requests: {unrecorded}"
+    phantom = sorted(set(recorded) - in_data)
+    assert phantom == [], f"applied_requests rows whose receipt is not in the data: {phantom}"
+    moved = {
+        slot: (version, first_seen.get(slot))
+        for slot, version in recorded.items()
+        if first_seen.get(slot) != version
+    }
+    assert moved == {}, (
+        f"applied_requests versions that are not the version first carrying the receipt "
+        f"(recorded, in data): {moved}"
+    )
+    vias = [e["via"] for es in acked.values() for e in es]
+    return {
+        "receipts_acked": len(acked),
+        "receipts_unsure": f"{len(set(found) - set(acked))}/{len(set(target) - set(acked))} landed",
+        "receipt_retries": f"{vias.count('retry')} applied, {vias.count('retry-false')} "
+        "already applied",
+        "receipt_repeats": sum(1 for e in events if e["event"] == "receipt_repeat"),
+    }
+
+
+def drain_messages(
+    dsn: str, schema: str, name: str, workdir: Path, current: dict[str, Any]
+) -> dict[str, Any]:
+    """A last Store with the handler loads every key: each waiting gift applied exactly once.
+
+    Each key's ``gifts`` must then be what was saved with the gifts that
+    waited for it appended in send order, and no message left.
+    """
+    waiting: dict[str, list[str]] = defaultdict(list)
+    for key, _, body in pending_messages(dsn, schema, name):
+        waiting[key].append(body["gift"])
+    t0 = time.monotonic()
+    final = ss.Store(
+        name,
+        template={"coins": 0, "inc": {}, "chk": {}},
+        dsn=dsn,
+        db_schema=schema,
+        message_handler=apply_gift,
+        lock_timeout=30.0,
+    )
+    try:
+        for key in KEYS:
+            final.load(key)
+            final.unload(key)
+        after = {key: final.peek(key) or {} for key in KEYS}
+    finally:
+        final.close()
+    left = pending_messages(dsn, schema, name)
+    assert left == [], f"messages still waiting after every key was loaded and unloaded: {left}"
+    for key in KEYS:
+        expected = [*current[key].get("gifts", []), *waiting[key]]
+        got = list(after[key].get("gifts", []))
+        assert got == expected, (
+            f"{key}: after the last load, gifts {got}; expected the saved ones with the "
+            f"waiting ones appended, {expected}"
+        )
+    (workdir / "drained.json").write_text(json.dumps(waiting))
+    return {"drain_s": round(time.monotonic() - t0, 2)}
 
 
 def check_processes(
@@ -583,6 +826,13 @@ def test_chaos(
     name = f"chaos{seed}-{uuid.uuid4().hex[:6]}"
     with capsys.disabled():
         print(f"\nchaos: seed {seed} ({seconds:.0f} s): SESSIONSTORE_CHAOS_SEED={seed} to repeat")
+    # The schema exists before the workers start, so their first seconds go to
+    # the run and not to alembic under faults (concurrent creation: test_db).
+    engine = db.create_engine(dsn, pool_size=1)
+    try:
+        db.ensure_schema(engine, schema)
+    finally:
+        engine.dispose()
     started = time.monotonic()
     run = run_chaos(dsn, schema, name, seed, seconds, tmp_path, server)
     figures = check_database(dsn, schema, name, tmp_path, run)
@@ -597,6 +847,10 @@ def test_chaos(
     assert server is None or run.faults["db_restart"] == 1
     assert figures["acks"] > 100, "the workers got almost nothing done: the run proves little"
     assert figures["forks"] >= 1 and figures["fork_acks"] >= 1, "no forked child did any work"
+    assert figures["gifts_sent"] >= 10 and figures["receipts_acked"] >= 10, (
+        "few gifts or receipts acknowledged: the run proves little about them"
+    )
+    assert figures["receipt_repeats"] >= 3, "acknowledged receipts were hardly ever repeated"
 
 
 # -- a stalled process never overwrites its successor ------------------------------------------
