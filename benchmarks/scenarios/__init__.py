@@ -6,7 +6,22 @@ from collections.abc import Callable
 
 from ..context import Bench
 from ..results import Row
-from . import close, get, heartbeat, hotkey, large, load, memory, save, takeover, tx, update
+from . import (
+    close,
+    durable,
+    get,
+    heartbeat,
+    hotkey,
+    idempotency,
+    large,
+    load,
+    memory,
+    messages,
+    save,
+    takeover,
+    tx,
+    update,
+)
 
 __all__ = ["SCENARIOS"]
 
@@ -17,6 +32,9 @@ SCENARIOS: dict[str, Callable[[Bench], list[Row]]] = {
     "update": update.run,
     "tx": tx.run,
     "hotkey": hotkey.run,
+    "durable": durable.run,
+    "idempotency": idempotency.run,
+    "messages": messages.run,
     "heartbeat": heartbeat.run,
     "close": close.run,
     "memory": memory.run,

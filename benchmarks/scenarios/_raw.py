@@ -28,10 +28,17 @@ def raw_upsert(bench: Bench, conn: psycopg.Connection[Any]) -> Callable[[str, st
 
 
 def orm_change(
-    bench: Bench, keys: list[str], change: Callable[[dict[str, Any]], object]
+    bench: Bench,
+    keys: list[str],
+    change: Callable[[dict[str, Any]], object],
+    engine: sa.Engine | None = None,
 ) -> Callable[[], None]:
-    """(b) read the rows ``FOR UPDATE``, change them in Python, write them back, commit."""
+    """(b) read the rows ``FOR UPDATE``, change them in Python, write them back, commit.
+
+    On ``bench.engine`` unless ``engine`` is given (one whose pool fits more threads).
+    """
     docs = bench.docs
+    pool = engine or bench.engine
     select = (
         sa.select(docs.c.key, docs.c.doc)
         .where(docs.c.key.in_(sorted(keys)))
@@ -40,7 +47,7 @@ def orm_change(
     )
 
     def transaction() -> None:
-        with bench.engine.begin() as conn:
+        with pool.begin() as conn:
             found = {row.key: row.doc for row in conn.execute(select)}
             change(found)
             for key, document in found.items():
