@@ -5,8 +5,10 @@ as any update does, then waits here for a fenced write that contains it.
 While one write is in flight, the durable updates that arrive (from any
 thread, for any keys) queue up; when it finishes, one of them leads the
 next write for all that queued, one statement for the batch, as
-PostgreSQL's own WAL flush does. A lone caller writes at once: no delay is
-added to wait for company, the batch forms from the time a write takes.
+PostgreSQL's own WAL flush does. The leader first waits (at most a
+millisecond) for the callers of the last write cycle to queue again, so
+the batches do not split into two alternating halves; a lone caller writes
+at once, with no delay.
 Each waiter gets its key's outcome: written, or the error of the write
 (``LockLostError``, ``StorageUnavailableError``), with the change left in
 memory, dirty, for the next save.
@@ -15,6 +17,7 @@ memory, dirty, for the next save.
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -26,6 +29,9 @@ if TYPE_CHECKING:
     from .session import Session
 
 __all__ = ["GroupCommit"]
+
+_COLLECT_FOR = 0.001
+"""Longest a leader waits for the callers of the last write cycle (seconds)."""
 
 
 class _Waiter:
@@ -48,6 +54,9 @@ class GroupCommit:
         self._cond = threading.Condition(threading.Lock())
         self._queue: list[_Waiter] = []
         self._writing = False
+        self._collecting = False
+        self._active = 1
+        """Durable callers seen in the last write cycle: the next leader waits for them."""
         self.batch_sizes: Counter[int] = Counter()
         """How many keys each group-commit write carried (size -> writes), for stats."""
 
@@ -56,9 +65,12 @@ class GroupCommit:
         waiter = _Waiter(session, session.change_seq)
         with self._cond:
             self._queue.append(waiter)
+            if self._collecting:
+                self._cond.notify_all()
             while not waiter.done:
                 if not self._writing:
                     self._writing = True
+                    self._collect()
                     batch, self._queue = self._queue, []
                     break
                 self._cond.wait()
@@ -69,10 +81,32 @@ class GroupCommit:
         finally:
             with self._cond:
                 self._writing = False
+                self._active = len(batch) + len(self._queue)
                 # Interrupted (KeyboardInterrupt): the others go in the next batch.
                 self._queue[:0] = [w for w in batch if not w.done]
                 self._cond.notify_all()
         self._outcome(waiter)
+
+    def _collect(self) -> None:
+        """Leader, lock held: wait briefly for the callers of the last cycle to queue.
+
+        Callers whose write just finished are back within a fraction of a
+        millisecond; without this wait they would form the next batch but
+        one, and the batches would alternate between two halves. A lone
+        caller (the last cycle had one) never waits.
+        """
+        if len(self._queue) >= self._active:
+            return
+        deadline = time.monotonic() + _COLLECT_FOR
+        self._collecting = True
+        try:
+            while len(self._queue) < self._active:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._cond.wait(remaining)
+        finally:
+            self._collecting = False
 
     def _write(self, batch: Sequence[_Waiter]) -> None:
         by_key = {w.session.key: w.session for w in batch}
