@@ -313,17 +313,18 @@ def _bookkeeping_ctes(s: str, shape: _WriteShape) -> str:
     if shape.prune:
         # Ids older than the newest :retention (as of before this statement)
         # go; the ones written now are kept on top of those.
-        # The cutoff is found once per key (a lateral join), not per row.
-        parts.append(f"""req_prune AS (
-    DELETE FROM {s}.applied_requests r
-    USING (
-        SELECT ver.key, c.version, c.idx FROM ver CROSS JOIN LATERAL (
-            SELECT q.version, q.idx FROM {s}.applied_requests q
-            WHERE q.store = %(store)b AND q.key = ver.key
-            ORDER BY q.version DESC, q.idx DESC OFFSET %(retention)b LIMIT 1
-        ) AS c
-        WHERE ver.key = ANY(CAST(%(prune_keys)b AS text[]))
-    ) AS cut
+        # The cutoff of each key is computed once (MATERIALIZED): left to the
+        # planner, the lateral subquery ran again for every row it deleted
+        # (measured: 400 ms for a key with 1,125 ids, against 1 ms).
+        parts.append(f"""req_cut AS MATERIALIZED (
+    SELECT ver.key, c.version, c.idx FROM ver CROSS JOIN LATERAL (
+        SELECT q.version, q.idx FROM {s}.applied_requests q
+        WHERE q.store = %(store)b AND q.key = ver.key
+        ORDER BY q.version DESC, q.idx DESC OFFSET %(retention)b LIMIT 1
+    ) AS c
+    WHERE ver.key = ANY(CAST(%(prune_keys)b AS text[]))
+), req_prune AS (
+    DELETE FROM {s}.applied_requests r USING req_cut cut
     WHERE r.store = %(store)b AND r.key = cut.key AND (r.version, r.idx) <= (cut.version, cut.idx)
 )""")
     if shape.messages:
