@@ -25,6 +25,7 @@ TABLES = {
     "shards",
     "applied_requests",
     "messages",
+    "audit",
     "alembic_version",
 }
 
@@ -145,7 +146,8 @@ def test_scripts_are_shipped() -> None:
     assert (location / "script.py.mako").is_file()
     assert (location / "versions" / "0001_initial.py").is_file()
     assert (location / "versions" / "0002_requests_messages.py").is_file()
-    assert db.head_revision() == "0002"
+    assert (location / "versions" / "0003_audit.py").is_file()
+    assert db.head_revision() == "0003"
 
 
 def test_alembic_folder_does_not_shadow_the_library() -> None:
@@ -186,7 +188,7 @@ def test_ensure_schema_creates_everything(engine: sa.Engine, fresh_schema: str) 
     db.ensure_schema(engine, fresh_schema)
     tables, sequences = _objects(engine, fresh_schema)
     assert tables == TABLES
-    assert sequences == {"lease_tokens", "messages_id_seq"}
+    assert sequences == {"lease_tokens", "messages_id_seq", "audit_id_seq"}
     assert db.current_revision(engine, fresh_schema) == db.head_revision()
 
     s = fresh_schema
@@ -266,7 +268,7 @@ def test_a_store_upgrades_a_schema_at_0001_and_keeps_its_data(
         command.upgrade(db.alembic_config(fresh_schema, conn), "0001")
         conn.commit()
     assert db.current_revision(engine, fresh_schema) == "0001"
-    assert _objects(engine, fresh_schema)[0] == TABLES - {"applied_requests", "messages"}
+    assert _objects(engine, fresh_schema)[0] == TABLES - {"applied_requests", "messages", "audit"}
     # Saved by that release: the file format is unchanged, only the tables are new.
     file = encode_file(b'{"coins":7}', FileSettings())
     with engine.begin() as conn:

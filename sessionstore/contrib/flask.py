@@ -58,11 +58,13 @@ schema (``SESSIONSTORE_DSN`` as above, ``db_schema`` of
 ``SESSIONSTORE_OPTIONS``)::
 
     flask --app myapp sessionstore db upgrade
-    flask --app myapp sessionstore db current
-    flask --app myapp sessionstore demo
+    flask --app myapp sessionstore locks players
+    flask --app myapp sessionstore unlock players alice --reason "stuck since 02:10"
 
-Each command hands its arguments to :func:`sessionstore.cli.main`, which
-does the work; ``--dsn`` and ``--schema`` override the app's settings.
+Every command of the CLI is mirrored (made from its click commands: same
+arguments, options and help); each hands its arguments to
+:func:`sessionstore.cli.main`, which does the work; ``--dsn`` and
+``--schema`` override the app's settings.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ from typing import Any
 
 import click
 from flask import Flask, current_app
-from flask.cli import AppGroup
+from flask.cli import AppGroup, with_appcontext
 from sqlalchemy import URL, Engine
 from sqlalchemy.engine import make_url
 
@@ -425,58 +427,66 @@ def _dsn_argument(dsn: _Dsn) -> str:
     return dsn
 
 
-def _run(argv: list[str], *, dsn: str | None, schema: str | None, takes_schema: bool) -> None:
-    """Run ``sessionstore ARGV --dsn [--schema]`` (the app's unless given); exit with its code."""
+def _run(path: tuple[str, ...], values: dict[str, Any]) -> None:
+    """Run ``sessionstore PATH`` with ``values``, the app's DSN and schema unless given; exit."""
     extension = current_app.extensions.get(EXTENSION_KEY)
     if not isinstance(extension, SessionStores):
         raise click.UsageError("this app has no SessionStores (call stores.init_app(app))")
     app_dsn, app_schema = extension._app_settings(current_app._get_current_object())  # type: ignore[attr-defined]
-    if dsn is None and app_dsn is not None:
-        dsn = _dsn_argument(app_dsn)
-    options = [] if dsn is None else ["--dsn", dsn]
-    if takes_schema:
-        options += ["--schema", schema or app_schema]
-    raise SystemExit(cli.main([*argv, *options]))
+    if "dsn" in values and values["dsn"] is None and app_dsn is not None:
+        values["dsn"] = _dsn_argument(app_dsn)
+    if "schema" in values and values["schema"] is None:
+        values["schema"] = app_schema
+    raise SystemExit(cli.main(cli.argv_for(path, values)))
 
 
-_commands = AppGroup(
-    "sessionstore",
-    help="The sessionstore command line, on this app's database (SESSIONSTORE_DSN) and "
-    "schema (SESSIONSTORE_OPTIONS['db_schema']).",
-)
+_DEFAULTS_HELP = {
+    "dsn": "postgresql:// or SQLAlchemy URL (default: the app's)",
+    "schema": "schema holding the tables (default: the app's db_schema)",
+}
+
+
+def _mirror_param(param: click.Parameter) -> click.Parameter:
+    """A parameter of the CLI as the mirror takes it: --dsn and --schema default to the app's."""
+    if param.name not in _DEFAULTS_HELP:
+        return param
+    return click.Option(param.opts, default=None, help=_DEFAULTS_HELP[param.name])
+
+
+def _mirror(command: click.Command, path: tuple[str, ...]) -> click.Command:
+    """``command`` of the ``sessionstore`` CLI (at ``path``) as a ``flask sessionstore`` one.
+
+    Same name, parameters and help; running it runs the CLI's
+    :func:`~sessionstore.cli.main`, so output and exit codes are the CLI's.
+    """
+    if isinstance(command, click.Group):
+        group = AppGroup(command.name, help=command.help)
+        for name, sub in command.commands.items():
+            group.add_command(_mirror(sub, (*path, name)))
+        return group
+
+    def callback(**values: Any) -> None:
+        _run(path, values)
+
+    return click.Command(
+        command.name,
+        params=[_mirror_param(param) for param in command.params],
+        callback=with_appcontext(callback),
+        help=command.help,
+        short_help=command.short_help,
+    )
+
+
+def _mirror_cli() -> AppGroup:
+    group = AppGroup(
+        "sessionstore",
+        help="The sessionstore command line, on this app's database (SESSIONSTORE_DSN) and "
+        "schema (SESSIONSTORE_OPTIONS['db_schema']).",
+    )
+    for name, command in cli.cli.commands.items():
+        group.add_command(_mirror(command, (name,)))
+    return group
+
+
+_commands = _mirror_cli()
 """``flask sessionstore``: mirrors ``sessionstore`` (sessionstore/cli.py); its ``main`` runs it."""
-
-_DSN = click.option(
-    "--dsn", default=None, help="postgresql:// or SQLAlchemy URL (default: the app's)"
-)
-_SCHEMA = click.option(
-    "--schema", default=None, help="schema holding the tables (default: the app's db_schema)"
-)
-
-
-@_commands.group("db")
-def _db_group() -> None:
-    """Database schema commands."""
-
-
-@_db_group.command("upgrade")
-@_DSN
-@_SCHEMA
-def _db_upgrade(dsn: str | None, schema: str | None) -> None:
-    """Create or upgrade the schema to the newest revision."""
-    _run(["db", "upgrade"], dsn=dsn, schema=schema, takes_schema=True)
-
-
-@_db_group.command("current")
-@_DSN
-@_SCHEMA
-def _db_current(dsn: str | None, schema: str | None) -> None:
-    """Print the schema's current revision (exit code 1 if it is not created)."""
-    _run(["db", "current"], dsn=dsn, schema=schema, takes_schema=True)
-
-
-@_commands.command("demo")
-@_DSN
-def _demo(dsn: str | None) -> None:
-    """Run the two-process demo of the README (on the app's database)."""
-    _run(["demo"], dsn=dsn, schema=None, takes_schema=False)

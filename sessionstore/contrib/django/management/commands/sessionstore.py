@@ -8,7 +8,8 @@ the commands that take them, unless they are given::
     python manage.py sessionstore db upgrade      # every schema the stores use
     python manage.py sessionstore db current
     python manage.py sessionstore --store players db current
-    python manage.py sessionstore demo
+    python manage.py sessionstore locks players
+    python manage.py sessionstore unlock players alice --reason "stuck since 02:10"
 
 When the stores use several schemas (or databases), a command that takes
 ``--schema`` runs once for each; ``--store NAME`` picks one store's. The
@@ -77,6 +78,14 @@ def _given(argv: list[str], option: str) -> bool:
     return any(arg == option or arg.startswith(f"{option}=") for arg in argv)
 
 
+def _with_options(argv: list[str], options: list[str]) -> list[str]:
+    """``argv`` with ``options`` added before a ``--`` (after which all are arguments)."""
+    if "--" not in argv:
+        return [*argv, *options]
+    at = argv.index("--")
+    return [*argv[:at], *options, *argv[at:]]
+
+
 def _without_django_globals(argv: list[str]) -> list[str]:
     kept: list[str] = []
     skip = False
@@ -92,8 +101,8 @@ def _without_django_globals(argv: list[str]) -> list[str]:
 
 class Command(BaseCommand):
     help = (
-        "Run a sessionstore command (db upgrade, db current, demo) on the database and "
-        "schema of settings.SESSIONSTORE. `manage.py sessionstore db --help` shows the "
+        "Run a sessionstore command (db upgrade, keys, locks, unlock, ...) on the database "
+        "and schema of settings.SESSIONSTORE. `manage.py sessionstore db --help` shows the "
         "command line's own help."
     )
     # Only the sessionstore checks: the DSN and schema come from those settings.
@@ -127,7 +136,7 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from exc
         failed = 0
         for extra in targets:
-            code = self._run([*argv, *extra])
+            code = self._run(_with_options(argv, extra))
             failed = failed or code
         if failed:
             raise CommandError(f"sessionstore {' '.join(argv)} failed", returncode=failed)
