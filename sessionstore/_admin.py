@@ -14,7 +14,6 @@ here: it is in :mod:`sessionstore._storage` (``files``, ``admin``).
 
 from __future__ import annotations
 
-import functools
 import getpass
 import os
 import socket
@@ -26,6 +25,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 
 from . import _args, db
+from ._pages import pages
 from ._storage import StoredVersion, VersionInfo, files
 from ._storage import admin as sql
 from ._storage.admin import AuditRow, LockRow, Unlocked
@@ -132,23 +132,14 @@ class Admin:
 
     def keys(self, prefix: str | None = None, *, page: int = 1000) -> Iterator[str]:
         """The saved keys in key order (starting with ``prefix``), read a page at a time."""
-        after = ""
-        while True:
-            found = self._run(
+
+        def fetch(after: str) -> list[str]:
+            return self._run(
                 "list keys",
-                functools.partial(
-                    files.keys_page,
-                    schema=self.schema,
-                    store=self.store,
-                    after=after,
-                    prefix=prefix,
-                    limit=page,
-                ),
+                lambda c: files.keys_page(c, self.schema, self.store, after, prefix, page),
             )
-            yield from found
-            if len(found) < page:
-                return
-            after = found[-1]
+
+        return pages(fetch, lambda key: key, "", page)
 
     def count_keys(self, prefix: str | None = None) -> int:
         """How many saved keys (starting with ``prefix``) the store has."""
@@ -193,45 +184,31 @@ class Admin:
         """The lease rows (or ``key``'s), in key order, read a page at a time."""
         if key is not None:
             check_key(key)
-        after = ""
-        while True:
-            found = self._run(
+
+        def fetch(after: str) -> list[LockRow]:
+            return self._run(
                 "list leases",
-                functools.partial(
-                    sql.locks_page,
-                    schema=self.schema,
-                    store=self.store,
-                    key=key,
-                    after=after,
-                    limit=page,
+                lambda c: sql.locks_page(
+                    c, schema=self.schema, store=self.store, key=key, after=after, limit=page
                 ),
             )
-            yield from found
-            if key is not None or len(found) < page:
-                return
-            after = found[-1].key
+
+        return pages(fetch, lambda row: row.key, "", page)
 
     def audit(self, key: str | None = None, *, page: int = 500) -> Iterator[AuditRow]:
         """The audit rows of the store (or of ``key``), oldest first, a page at a time."""
         if key is not None:
             check_key(key)
-        after = 0
-        while True:
-            found = self._run(
+
+        def fetch(after: int) -> list[AuditRow]:
+            return self._run(
                 "read the audit log",
-                functools.partial(
-                    sql.audit_page,
-                    schema=self.schema,
-                    store=self.store,
-                    key=key,
-                    after=after,
-                    limit=page,
+                lambda c: sql.audit_page(
+                    c, schema=self.schema, store=self.store, key=key, after=after, limit=page
                 ),
             )
-            yield from found
-            if len(found) < page:
-                return
-            after = found[-1].id
+
+        return pages(fetch, lambda row: row.id, 0, page)
 
     # -- the audited steal -------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 
+from ._pages import pages
 from ._registry import KeyEntry
 from ._storage import PendingWrite, StoredVersion
 from .errors import InvalidDataError, LockLostError, SessionStoreError, TransformError
@@ -82,13 +83,8 @@ class Batches:
 
     def keys(self, prefix: str | None) -> Iterator[str]:
         """Saved keys in key order, a page at a time (bounded memory)."""
-        after = ""
-        while True:
-            page = self._core.repo.keys_page(after, prefix, _PAGE)
-            yield from page
-            if len(page) < _PAGE:
-                return
-            after = page[-1]
+        repo = self._core.repo
+        return pages(lambda after: repo.keys_page(after, prefix, _PAGE), lambda k: k, "", _PAGE)
 
     # -- claiming a batch -------------------------------------------------------------
 

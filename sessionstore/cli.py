@@ -172,6 +172,15 @@ def _emit(value: Any) -> None:
     click.echo(json.dumps(_plain(value), ensure_ascii=False))
 
 
+def _outcome(as_json: bool, record: dict[str, Any], text: str) -> int:
+    """A command's outcome: ``record`` as JSON with ``--json``, else ``text``; exit code 0."""
+    if as_json:
+        _emit(record)
+    else:
+        click.echo(text)
+    return 0
+
+
 def _note(message: str) -> None:
     """A line for the operator on standard error (standard output stays data)."""
     click.echo(message, err=True)
@@ -428,11 +437,11 @@ def send_command(
     """Send the message JSON to KEY; its holder applies it at once, else its next load does."""
     with _admin(dsn, schema, store) as admin:
         message_id = admin.send(key, json.loads(message))
-    if as_json:
-        _emit({"store": store, "key": key, "message_id": message_id})
-    else:
-        click.echo(f"sent message {message_id} to store {store!r} key {key!r}")
-    return 0
+    return _outcome(
+        as_json,
+        {"store": store, "key": key, "message_id": message_id},
+        f"sent message {message_id} to store {store!r} key {key!r}",
+    )
 
 
 @cli.command("erase")
@@ -459,11 +468,9 @@ def erase_command(
         click.confirm(f"erase store {store!r} key {key!r} and all its versions?", abort=True)
     with _admin(dsn, schema, store) as admin:
         admin.erase(key, lock_timeout=lock_timeout)
-    if as_json:
-        _emit({"store": store, "key": key, "erased": True})
-    else:
-        click.echo(f"erased store {store!r} key {key!r}")
-    return 0
+    return _outcome(
+        as_json, {"store": store, "key": key, "erased": True}, f"erased store {store!r} key {key!r}"
+    )
 
 
 @cli.command("restore")
