@@ -69,12 +69,13 @@ class Sizes:
         return max(1, int(full * self.scale))
 
 
-# No background task may run while we measure: the heartbeat and autosave
-# timers are far longer than any run.
+# No background task may run while we measure: the heartbeat, autosave and
+# janitor timers are far longer than any run.
 _QUIET = {
     "lock_duration": 3600.0,
     "lock_refresh_interval": 1800.0,
     "autosave_interval": 3600.0,
+    "janitor_interval": 3600.0,
     "lock_timeout": 5.0,
 }
 

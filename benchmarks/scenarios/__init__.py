@@ -7,16 +7,20 @@ from collections.abc import Callable
 from ..context import Bench
 from ..results import Row
 from . import (
+    batch,
     close,
     durable,
+    export,
     get,
     heartbeat,
     hotkey,
     idempotency,
+    keys,
     large,
     load,
     memory,
     messages,
+    offline,
     save,
     takeover,
     tx,
@@ -40,4 +44,8 @@ SCENARIOS: dict[str, Callable[[Bench], list[Row]]] = {
     "memory": memory.run,
     "large": large.run,
     "takeover": takeover.run,
+    "batch": batch.run,
+    "offline": offline.run,
+    "keys": keys.run,
+    "export": export.run,
 }

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import psycopg
 import sqlalchemy as sa
 
 from ..context import Bench
 
-__all__ = ["orm_change", "raw_upsert"]
+__all__ = ["chunks", "orm_change", "raw_table", "raw_upsert"]
+
+T = TypeVar("T")
 
 
 def raw_upsert(bench: Bench, conn: psycopg.Connection[Any]) -> Callable[[str, str], None]:
@@ -54,3 +56,27 @@ def orm_change(
                 conn.execute(sa.update(docs).where(docs.c.key == key).values(doc=document))
 
     return transaction
+
+
+def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    """``items`` in slices of ``size`` (the library's ``save_batch_size``, 500)."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def raw_table(bench: Bench, name: str, rows: Sequence[tuple[str, str]] = ()) -> str:
+    """(a) a table ``name (key text primary key, doc jsonb)`` of the bench schema; its name.
+
+    Filled with ``rows`` (key, pre-serialised document) by one COPY, then analysed,
+    so a baseline's plans see its real size.
+    """
+    table = bench.table(name)
+    with bench.raw() as conn:
+        conn.execute(f"CREATE TABLE {table} (key text PRIMARY KEY, doc jsonb NOT NULL)")
+        with conn.cursor().copy(f"COPY {table} (key, doc) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+        conn.commit()
+        conn.execute(f"ANALYZE {table}")
+        conn.commit()
+    return table
