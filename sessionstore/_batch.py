@@ -27,7 +27,7 @@ from ._pages import pages
 from ._registry import KeyEntry
 from ._storage import PendingWrite, StoredVersion
 from .errors import InvalidDataError, LockLostError, SessionStoreError, TransformError
-from .frozen import check_key, decode, encode
+from .frozen import check_key, decode, encode_parsed
 from .session import run_transform
 
 if TYPE_CHECKING:
@@ -276,6 +276,6 @@ def _parse_line(line: str | bytes, number: int) -> tuple[str, bytes, list[str]]:
         migrations = record.get("migrations", [])
         if not isinstance(migrations, list) or not all(isinstance(m, str) for m in migrations):
             raise TypeError("migrations must be a list of names")
-        return key, encode(record["data"]), migrations
+        return key, encode_parsed(record["data"]), migrations
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise InvalidDataError(f"line {number} is not an export line: {exc}") from exc

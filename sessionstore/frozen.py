@@ -36,6 +36,7 @@ __all__ = [
     "check_key",
     "decode",
     "encode",
+    "encode_parsed",
     "encode_with_copy",
     "freeze",
     "freeze_json",
@@ -345,6 +346,19 @@ def encode_with_copy(value: Any) -> tuple[bytes, Any]:
     # orjson's output keeps its growth buffer (4 KiB for a 1 KiB document);
     # these bytes live as long as the session, so keep an exact-size copy.
     return bytes(memoryview(encoded)), copy
+
+
+def encode_parsed(value: Any) -> bytes:
+    """JSON bytes of a value orjson itself just parsed (an import line, say).
+
+    Such a value holds only JSON types, so nothing can be coerced and the
+    round trip of :func:`encode_with_copy` would only repeat the parse;
+    orjson's own limits (nesting, integer range) still apply.
+    """
+    try:
+        return orjson.dumps(value, option=_STRICT)
+    except orjson.JSONEncodeError as exc:
+        raise InvalidDataError(f"data is not JSON: {exc}") from exc
 
 
 def decode(
