@@ -77,11 +77,6 @@ class _Statements:
 
     def __init__(self, schema: str) -> None:
         s = f'"{schema}"'
-        self._reads(s)
-        self._maintenance(s)
-        self._streamed(s)
-
-    def _reads(self, s: str) -> None:
         columns = (
             "v.version, v.created_at, v.codec, v.raw_size, v.stored_size, v.checksum, "
             "v.shard_count, v.migrations, v.token"
@@ -91,6 +86,12 @@ class _Statements:
             "WHERE s.store = v.store AND s.key = v.key AND s.version = v.version "
             "ORDER BY s.idx) END AS shards"
         )
+        self._reads(s, columns, shards)
+        self._loads(s, columns, shards)
+        self._maintenance(s)
+        self._streamed(s)
+
+    def _reads(self, s: str, columns: str, shards: str) -> None:
         # Read through a binary psycopg cursor (db.driver_cursor): bytea arrives as
         # bytes, not hex text, which costs more than the read itself when large.
         self.read_newest = (
@@ -101,6 +102,26 @@ class _Statements:
             f"SELECT {columns}, v.inline, {shards} FROM {s}.versions v "
             "WHERE v.store = %(store)b AND v.key = %(key)b AND v.version = %(version)b"
         )
+        # One page of the saved keys, in key order, after :after (keyset paging:
+        # bounded memory, no cursor held open across pages).
+        self.keys_page = sa.text(
+            f"SELECT key FROM {s}.records WHERE store = :store AND key > :after "
+            "AND (CAST(:prefix AS text) IS NULL OR starts_with(key, :prefix)) "
+            "ORDER BY key LIMIT :limit"
+        )
+        where = (
+            "WHERE v.store = :store AND v.key = :key "
+            "AND (CAST(:since AS timestamptz) IS NULL OR v.created_at >= :since) "
+            "AND (CAST(:until AS timestamptz) IS NULL OR v.created_at < :until)"
+        )
+        self.list_desc = sa.text(
+            f"SELECT {columns} FROM {s}.versions v {where} ORDER BY v.version DESC LIMIT :limit"
+        )
+        self.list_asc = sa.text(
+            f"SELECT {columns} FROM {s}.versions v {where} ORDER BY v.version ASC LIMIT :limit"
+        )
+
+    def _loads(self, s: str, columns: str, shards: str) -> None:
         # A load's one statement: the newest version (if any), the newest
         # applied request ids, and whether messages wait for the key.
         self.read_for_load = (
@@ -129,24 +150,6 @@ class _Statements:
             "ORDER BY r.version DESC, r.idx DESC LIMIT %(retention)b) AS requests, "
             f"EXISTS (SELECT 1 FROM {s}.messages m "
             f"WHERE m.store = %(store)b AND m.key = k.key) AS has_messages {many}"
-        )
-        # One page of the saved keys, in key order, after :after (keyset paging:
-        # bounded memory, no cursor held open across pages).
-        self.keys_page = sa.text(
-            f"SELECT key FROM {s}.records WHERE store = :store AND key > :after "
-            "AND (CAST(:prefix AS text) IS NULL OR starts_with(key, :prefix)) "
-            "ORDER BY key LIMIT :limit"
-        )
-        where = (
-            "WHERE v.store = :store AND v.key = :key "
-            "AND (CAST(:since AS timestamptz) IS NULL OR v.created_at >= :since) "
-            "AND (CAST(:until AS timestamptz) IS NULL OR v.created_at < :until)"
-        )
-        self.list_desc = sa.text(
-            f"SELECT {columns} FROM {s}.versions v {where} ORDER BY v.version DESC LIMIT :limit"
-        )
-        self.list_asc = sa.text(
-            f"SELECT {columns} FROM {s}.versions v {where} ORDER BY v.version ASC LIMIT :limit"
         )
 
     def _maintenance(self, s: str) -> None:
