@@ -109,18 +109,28 @@ class GroupCommit:
             self._collecting = False
 
     def _write(self, batch: Sequence[_Waiter]) -> None:
-        by_key = {w.session.key: w.session for w in batch}
+        # One session per key: a closed one (its lease lost, the key loaded
+        # again since) is not written; its waiters are judged on their own.
+        by_key: dict[str, Session] = {}
+        for waiter in batch:
+            if not waiter.session.closed:
+                by_key[waiter.session.key] = waiter.session
         sessions = [by_key[key] for key in sorted(by_key)]
         self.batch_sizes[len(sessions)] += 1
         self._core.stats.add("durable_writes")
         self._core.stats.add("durable_keys", len(sessions))
         with turns(sessions):
             errors = self._core.saver.save_held(sessions, "durable")
+        saver = self._core.saver
         for waiter in batch:
-            error = errors.get(waiter.session.key)
-            # A failed write may come after an earlier one (autosave) that had it.
-            if error is not None and waiter.session.saved_seq < waiter.seq:
-                waiter.error = error
+            session = waiter.session
+            # Each waiter by its own session: written (now, or by an earlier
+            # save such as autosave), else the error that kept it unwritten.
+            if session.saved_seq < waiter.seq:
+                written_here = by_key.get(session.key) is session
+                waiter.error = (errors.get(session.key) if written_here else None) or (
+                    saver.unsaved_error(session)
+                )
             waiter.done = True
 
     @staticmethod

@@ -96,14 +96,14 @@ class Loader:
         but returned. A key whose data fails to load fails the call the same way.
         """
         core = self._core
-        mine = []
-        for key in keys:
-            entry, is_mine = core.table.begin_load(key, explicit=True, user=False)
-            if is_mine:
-                mine.append(entry)
+        mine: list[KeyEntry] = []
         taken: dict[str, tuple[KeyEntry, int, float]] = {}
         unavailable: list[KeyEntry] = []
         try:
+            for key in keys:  # may wait for, and raise, another thread's load of a key
+                entry, is_mine = core.table.begin_load(key, explicit=True, user=False)
+                if is_mine:
+                    mine.append(entry)
             step = core.config.save_batch_size
             for start in range(0, len(mine), step):
                 chunk = mine[start : start + step]
@@ -135,15 +135,27 @@ class Loader:
         for entry in entries:
             token = tokens.get(entry.key)
             if token is not None:
-                taken[entry.key] = (entry, token, started)
+                self._took(entry, token, started, taken)
             else:
                 missing.append(entry)
         for entry in missing:
             if wait:
                 token, acquired_at = self._acquire(entry)  # LockUnavailableError: none kept
-                taken[entry.key] = (entry, token, acquired_at)
+                self._took(entry, token, acquired_at, taken)
             else:
                 unavailable.append(entry)
+
+    def _took(
+        self,
+        entry: KeyEntry,
+        token: int,
+        acquired_at: float,
+        taken: dict[str, tuple[KeyEntry, int, float]],
+    ) -> None:
+        """Record a lease at once, so the heartbeat renews it while other keys are awaited."""
+        taken[entry.key] = (entry, token, acquired_at)
+        if not self._core.table.lease_taken(entry, token):
+            raise self._cancelled(entry)
 
     def _finish_many(self, taken: Sequence[tuple[KeyEntry, int, float]]) -> None:
         """Read the taken keys in batches and make them LIVE; on a failure, undo them all."""

@@ -174,12 +174,13 @@ class KeyTable:
         """A LOADING entry for ``key`` if nothing here uses it, else None (never waits).
 
         For work over many keys without sessions (offline edits, imports): the
-        caller ends it with :meth:`fail_load` (``None``), as ``erase`` does.
+        caller ends it with :meth:`fail_load` (``None``), as ``erase`` does. A
+        CLOSED entry counts as used: it may carry changes never written,
+        which ``unload`` and ``close`` must still report.
         """
         with self._lock:
             self._check_open()
-            entry = self._entries.get(key)
-            if entry is not None and entry.state is not KeyState.CLOSED:
+            if key in self._entries:
                 return None
             entry = self._entries[key] = KeyEntry(key)
             return entry
