@@ -29,6 +29,7 @@ pytestmark = pytest.mark.skipif(
 
 MakeStore = Callable[..., ss.Store]
 
+
 @pytest.fixture
 def versions(
     sessionstore_dsn: str, sessionstore_schema: str, store_name: str
