@@ -28,11 +28,6 @@ def valid_counter(data: Any) -> tuple[bool, str]:
     return ok, "" if ok else "count must be an int >= 0"
 
 
-def _increment(data: Any) -> bool:
-    data["count"] += 1
-    return True
-
-
 @csrf_exempt  # an API endpoint for the example; use your authentication and CSRF policy
 @require_http_methods(["GET", "POST"])
 def count(request: HttpRequest, key: str) -> HttpResponse:
@@ -40,9 +35,16 @@ def count(request: HttpRequest, key: str) -> HttpResponse:
     store = get_store("counters")
     try:
         if request.method == "POST":
+            made: list[int] = []
+
+            def add_one(data: Any) -> bool:
+                data["count"] += 1
+                made.append(data["count"])  # this change's count: get() may show a later one
+                return True
+
             with store.session(key) as s:
-                s.update(_increment)
-                value = s.get()["count"]
+                s.update(add_one)
+            value = made[0]
             # The block has exited: the increment is saved (durable) by now.
         else:
             saved = store.peek(key)
