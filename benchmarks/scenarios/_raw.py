@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
+import orjson
 import psycopg
 import sqlalchemy as sa
 
 from ..context import Bench
+from ..documents import bump
+from ..timing import Case
 
 __all__ = ["chunks", "orm_change", "raw_table", "raw_upsert"]
 
@@ -27,6 +30,24 @@ def raw_upsert(bench: Bench, conn: psycopg.Connection[Any]) -> Callable[[str, st
         conn.commit()
 
     return upsert
+
+
+def raw_dirty_upsert_case(
+    bench: Bench, conn: psycopg.Connection[Any], key: str, document: Any, inner: int
+) -> Case:
+    """(a) as a Case: ``bump`` the document and serialise it untimed, then upsert and commit.
+
+    The baseline of a single-key write (``save``, a durable update): the same
+    change, its JSON made outside the timed region.
+    """
+    upsert = raw_upsert(bench, conn)
+    pending = [orjson.dumps(document).decode()]
+
+    def dirty_raw() -> None:
+        bump(document)
+        pending[0] = orjson.dumps(document).decode()
+
+    return Case("raw", lambda: upsert(key, pending[0]), prepare=dirty_raw, inner=inner)
 
 
 def orm_change(

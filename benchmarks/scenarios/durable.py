@@ -14,7 +14,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import orjson
 import sqlalchemy as sa
 
 import sessionstore as ss
@@ -24,7 +23,7 @@ from ..context import Bench
 from ..documents import bump, player_profile
 from ..results import Row, Target, compare
 from ..timing import Case
-from ._raw import orm_change, raw_upsert
+from ._raw import orm_change, raw_dirty_upsert_case
 
 THREADS = 16
 
@@ -155,13 +154,6 @@ def _one_thread_row(bench: Bench) -> Row:
     store = bench.store(document)
     store.load("solo")
     with bench.raw() as conn:
-        upsert = raw_upsert(bench, conn)
-        pending = [orjson.dumps(document).decode()]
-
-        def dirty_raw() -> None:  # the same change, serialised outside the timed region
-            bump(document)
-            pending[0] = orjson.dumps(document).decode()
-
         inner = bench.sizes.inner(100)
         row = compare(
             "durable",
@@ -171,7 +163,7 @@ def _one_thread_row(bench: Bench) -> Row:
                 lambda: store.update("solo", bump, durable=True),
                 inner=inner,
             ),
-            Case("raw", lambda: upsert("solo", pending[0]), prepare=dirty_raw, inner=inner),
+            raw_dirty_upsert_case(bench, conn, "solo", document, inner),
             # Every round's gc.collect() alone takes ~0.1 s: few rounds with --quick.
             repeats=3 if bench.sizes.scale < 1 else bench.sizes.repeats,
             baseline_name="(a) psycopg INSERT .. ON CONFLICT DO UPDATE of a JSONB row + commit",
