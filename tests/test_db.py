@@ -146,8 +146,8 @@ def test_scripts_are_shipped() -> None:
     assert (location / "script.py.mako").is_file()
     assert (location / "versions" / "0001_initial.py").is_file()
     assert (location / "versions" / "0002_requests_messages.py").is_file()
-    assert (location / "versions" / "0003_audit.py").is_file()
-    assert db.head_revision() == "0003"
+    assert (location / "versions" / "0004_server_functions.py").is_file()
+    assert db.head_revision() == "0004"
 
 
 def test_alembic_folder_does_not_shadow_the_library() -> None:

@@ -4,10 +4,11 @@ Owns the SQL behind :mod:`sessionstore._admin` (the ``sessionstore`` command
 line) that no Store needs: the ``locks`` table read a page at a time with
 each holder's liveness and each key's last save, the count of a store's
 keys, :func:`unlock` (a lease taken from its holder and logged, in one
-transaction) and the ``audit`` table (revision 0003). Pages are keyset
-pages (``key > after``, ``id > after``): memory stays bounded and no cursor
-is held open between them. Identifiers spliced into SQL are validated
-schema names; every value is a bound parameter.
+call of the ``unlock_key`` server function) and the ``audit`` table
+(revision 0003). Pages are keyset pages (``key > after``, ``id >
+after``): memory stays bounded and no cursor is held open between them.
+Identifiers spliced into SQL are validated schema names; every value is a
+bound parameter.
 
 How :func:`unlock` fences the holder: the lease row gets a token from the
 ``lease_tokens`` sequence, an ``expires_at`` of now and a holder id of its
@@ -27,7 +28,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from .sql import ALIVE_SQL, free_channel
+from .sql import free_channel
 
 __all__ = [
     "AuditRow",
@@ -118,59 +119,34 @@ class _Statements:
         )
 
     def _unlocking(self, s: str) -> None:
-        # The lease row, locked until the transaction ends, with what it says
-        # of its holder (the liveness test is read before the row changes).
-        self.lock_for_unlock = sa.text(
-            "SELECT CAST(l.holder AS text) AS holder, l.token, l.host, l.pid, "
-            "l.expires_at > clock_timestamp() AS active, "
-            f"{ALIVE_SQL.format(holder='l.holder')} AS alive "
-            f"FROM {s}.locks l WHERE l.store = :store AND l.key = :key FOR UPDATE"
+        # One call (alembic revision 0004): the lease row locked (waiting at
+        # most :lock_timeout for a save in flight), what it said of its
+        # holder (liveness read before the row changes), the steal, the
+        # audit row and the announcement, in one transaction.
+        self.unlock = sa.text(
+            f"SELECT * FROM {s}.unlock_key(:store, :key, :reason, :actor, "
+            "CAST(:holder AS uuid), :host, :pid, :lock_timeout, :channel)"
         )
-        # The steal, the audit row and the announcement: one statement, in the
-        # transaction that locked the row (so nothing moved it meanwhile).
-        self.steal = sa.text(f"""
-WITH stolen AS (
-    UPDATE {s}.locks
-    SET holder = CAST(:holder AS uuid), token = nextval('{s}.lease_tokens'),
-        acquired_at = clock_timestamp(), expires_at = clock_timestamp(),
-        host = :host, pid = :pid, liveness = false
-    WHERE store = :store AND key = :key AND token = :old_token
-    RETURNING key, token
-), logged AS (
-    INSERT INTO {s}.audit (store, key, action, reason, old_holder, old_token, old_host,
-                           old_pid, new_token, actor)
-    SELECT :store, stolen.key, 'unlock', :reason, CAST(:old_holder AS uuid), :old_token,
-           :old_host, :old_pid, stolen.token, :actor
-    FROM stolen
-    RETURNING id, at
-)
-SELECT stolen.token, logged.id, logged.at, pg_notify(:channel, stolen.key) AS notified
-FROM stolen, logged
-""")
+        self.alive = sa.text(
+            f"SELECT h AS holder, {s}.holder_alive(h) AS alive "
+            "FROM unnest(CAST(:holders AS uuid[])) AS h"
+        )
 
 
 def _locks(s: str, which: str) -> str:
-    """Lease rows with their holders' liveness and last saves; ``which`` picks the rows.
+    """Lease rows with each key's last save; ``which`` picks the rows.
 
-    The liveness test reads ``pg_locks``, so it runs once per distinct
-    holder of the page (a process holds many keys), not once per row.
+    The holders' liveness is read apart (:data:`_Statements.alive`): it is
+    ``pg_locks`` of the server the control connections use (Citus'
+    coordinator), once per distinct holder of the page.
     """
     return f"""
-WITH page AS (
-    SELECT l.key, l.holder, l.token, l.host, l.pid, l.acquired_at, l.expires_at, l.liveness,
-           l.expires_at > clock_timestamp() AS active
-    FROM {s}.locks l
-    WHERE l.store = :store AND {which}
-), holders AS (
-    SELECT h.holder, {ALIVE_SQL.format(holder="h.holder")} AS alive
-    FROM (SELECT DISTINCT holder FROM page) AS h
-)
-SELECT p.key, CAST(p.holder AS text) AS holder, p.token, p.host, p.pid, p.acquired_at,
-       p.expires_at, p.active, p.liveness, h.alive,
-       (SELECT v.created_at FROM {s}.versions v WHERE v.store = :store AND v.key = p.key
-        ORDER BY v.version DESC LIMIT 1) AS last_save
-FROM page p JOIN holders h USING (holder)
-ORDER BY p.key
+SELECT l.key, CAST(l.holder AS text) AS holder, l.token, l.host, l.pid, l.acquired_at,
+       l.expires_at, l.expires_at > clock_timestamp() AS active, l.liveness,
+       (SELECT max(v.created_at) FROM {s}.versions v
+        WHERE v.store = l.store AND v.key = l.key) AS last_save
+FROM {s}.locks l
+WHERE l.store = :store AND {which}
 """
 
 
@@ -186,7 +162,7 @@ def count_keys(conn: sa.Connection, schema: str, store: str, prefix: str | None)
     return int(found.scalar_one())
 
 
-def _lock_row(row: Any) -> LockRow:
+def _lock_row(row: Any, alive: dict[str, bool]) -> LockRow:
     m = row._mapping
     return LockRow(
         key=m["key"],
@@ -198,7 +174,7 @@ def _lock_row(row: Any) -> LockRow:
         expires_at=m["expires_at"],
         active=bool(m["active"]),
         liveness=bool(m["liveness"]),
-        alive=bool(m["alive"]),
+        alive=alive.get(m["holder"], False),
         last_save=m["last_save"],
     )
 
@@ -209,10 +185,16 @@ def locks_page(
     """Up to ``limit`` lease rows after ``after`` in key order; or ``key``'s alone."""
     sql = statements(schema)
     if key is not None:
-        rows = conn.execute(sql.lock_one, {"store": store, "key": key})
+        rows = list(conn.execute(sql.lock_one, {"store": store, "key": key}))
     else:
-        rows = conn.execute(sql.locks_page, {"store": store, "after": after, "limit": limit})
-    return [_lock_row(row) for row in rows]
+        page = {"store": store, "after": after, "limit": limit}
+        rows = list(conn.execute(sql.locks_page, page))
+    holders = sorted({row.holder for row in rows})
+    alive = {
+        str(found.holder): bool(found.alive)
+        for found in conn.execute(sql.alive, {"holders": holders})
+    }
+    return [_lock_row(row, alive) for row in rows]
 
 
 def unlock(
@@ -236,38 +218,30 @@ def unlock(
     audit row, announce the key free, commit. See the module docstring for
     why this fences the old holder.
     """
-    sql = statements(schema)
-    with conn.begin():
-        timeout = f"{max(1, int(lock_wait * 1000))}ms"
-        conn.execute(sa.text("SELECT set_config('lock_timeout', :t, true)"), {"t": timeout})
-        old = conn.execute(sql.lock_for_unlock, {"store": store, "key": key}).first()
-        if old is None:
-            return None
-        params = {
-            "store": store,
-            "key": key,
-            "reason": reason,
-            "actor": actor,
-            "holder": holder,
-            "host": host,
-            "pid": pid,
-            "old_holder": old.holder,
-            "old_token": old.token,
-            "old_host": old.host,
-            "old_pid": old.pid,
-            "channel": free_channel(schema, store),
-        }
-        done = conn.execute(sql.steal, params).one()
+    params = {
+        "store": store,
+        "key": key,
+        "reason": reason,
+        "actor": actor,
+        "holder": holder,
+        "host": host,
+        "pid": pid,
+        "lock_timeout": f"{max(1, int(lock_wait * 1000))}ms",
+        "channel": free_channel(schema, store),
+    }
+    done = conn.execute(statements(schema).unlock, params).first()
+    if done is None:
+        return None
     return Unlocked(
         key=key,
-        old_holder=old.holder,
-        old_token=old.token,
-        old_host=old.host,
-        old_pid=old.pid,
-        was_active=bool(old.active),
-        was_alive=bool(old.alive),
-        new_token=done.token,
-        audit_id=done.id,
+        old_holder=done.old_holder,
+        old_token=done.old_token,
+        old_host=done.old_host,
+        old_pid=done.old_pid,
+        was_active=bool(done.was_active),
+        was_alive=bool(done.was_alive),
+        new_token=done.new_token,
+        audit_id=done.audit_id,
         at=done.at,
     )
 

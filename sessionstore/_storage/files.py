@@ -81,9 +81,11 @@ class _Statements:
             "v.version, v.created_at, v.codec, v.raw_size, v.stored_size, v.checksum, "
             "v.shard_count, v.migrations, v.token"
         )
+        # The key is named, not joined (s.key = v.key): on Citus a named key
+        # routes the whole statement to one shard.
         shards = (
             f"CASE WHEN v.shard_count > 0 THEN ARRAY(SELECT s.data FROM {s}.shards s "
-            "WHERE s.store = v.store AND s.key = v.key AND s.version = v.version "
+            "WHERE s.store = %(store)b AND s.key = %(key)b AND s.version = v.version "
             "ORDER BY s.idx) END AS shards"
         )
         self._reads(s, columns, shards)
@@ -137,67 +139,22 @@ class _Statements:
         )
         # The newest version of many keys (a batch of offline edits, an
         # export), and with each key's bookkeeping for load_many.
-        many = (
-            "FROM unnest(CAST(%(keys)b AS text[])) AS k(key) LEFT JOIN LATERAL ("
-            f"SELECT * FROM {s}.versions v WHERE v.store = %(store)b AND v.key = k.key "
-            "ORDER BY v.version DESC LIMIT 1) AS v ON true"
-        )
-        self.read_many = f"SELECT k.key AS wanted, {columns}, v.inline, {shards} {many}"
-        self.read_many_for_load = (
-            f"SELECT k.key AS wanted, {columns}, v.inline, {shards}, "
-            f"ARRAY(SELECT r.request_id FROM {s}.applied_requests r "
-            "WHERE r.store = %(store)b AND r.key = k.key "
-            "ORDER BY r.version DESC, r.idx DESC LIMIT %(retention)b) AS requests, "
-            f"EXISTS (SELECT 1 FROM {s}.messages m "
-            f"WHERE m.store = %(store)b AND m.key = k.key) AS has_messages {many}"
+        self.read_many = (
+            f"SELECT * FROM {s}.read_many(%(store)b, CAST(%(keys)b AS text[]), "
+            "CAST(%(retention)b AS integer), CAST(%(bookkeeping)b AS boolean))"
         )
 
     def _maintenance(self, s: str) -> None:
         # Prune one batch of keys (those after :after, in key order): versions
         # older than the newest :keep and older than :age seconds go, with
-        # their shards (ON DELETE CASCADE). The transaction-level advisory lock
-        # keeps a second process from pruning the same store concurrently.
-        self.prune = sa.text(f"""
-WITH turn AS (
-    SELECT pg_try_advisory_xact_lock(hashtext('sessionstore:janitor:' || :schema),
-                                     hashtext(:store)) AS ours
-), batch AS (
-    SELECT key FROM {s}.records
-    WHERE store = :store AND key > :after AND (SELECT ours FROM turn)
-    ORDER BY key
-    LIMIT :batch
-), cutoff AS (
-    SELECT b.key,
-           (SELECT v.version FROM {s}.versions v WHERE v.store = :store AND v.key = b.key
-            ORDER BY v.version DESC OFFSET :keep LIMIT 1) AS version
-    FROM batch b
-), pruned AS (
-    DELETE FROM {s}.versions v USING cutoff c
-    WHERE v.store = :store AND v.key = c.key AND v.version <= c.version
-      AND v.created_at < clock_timestamp() - make_interval(secs => :age)
-    RETURNING 1
-)
-SELECT (SELECT ours FROM turn) AS ours, (SELECT max(key) FROM batch) AS last_key,
-       (SELECT count(*) FROM pruned) AS pruned
-""")
-        self.erase = sa.text(f"""
-WITH lease AS (
-    SELECT l.key FROM {s}.locks l
-    WHERE {LEASE_HELD.format(store=":store", holder=":holder", match=one_lease(":key", ":token"))}
-    FOR UPDATE
-), rec AS (
-    DELETE FROM {s}.records WHERE store = :store AND key IN (SELECT key FROM lease)
-), ver AS (
-    DELETE FROM {s}.versions WHERE store = :store AND key IN (SELECT key FROM lease)
-), req AS (
-    DELETE FROM {s}.applied_requests WHERE store = :store AND key IN (SELECT key FROM lease)
-), msg AS (
-    DELETE FROM {s}.messages WHERE store = :store AND key IN (SELECT key FROM lease)
-), gone AS (
-    DELETE FROM {s}.locks WHERE store = :store AND key IN (SELECT key FROM lease) RETURNING key
-)
-SELECT key, pg_notify(:channel, key) FROM gone
-""")
+        # their shards (ON DELETE CASCADE); one process at a time per store.
+        self.prune = sa.text(
+            f"SELECT * FROM {s}.prune_batch(:schema, :store, :after, :batch, :keep, "
+            "CAST(:age AS float8))"
+        )
+        self.erase = sa.text(
+            f"SELECT {s}.erase_key(:store, :key, CAST(:holder AS uuid), :token, :channel)"
+        )
 
     def _streamed(self, s: str) -> None:
         fence = LEASE_HELD.format(
@@ -231,156 +188,57 @@ RETURNING v.version
 """
 
 
-_INPUT_COLUMNS = (
-    ("key", "text"),
-    ("token", "bigint"),
-    ("version", "bigint"),
-    ("codec", "smallint"),
-    ("raw_size", "bigint"),
-    ("stored_size", "bigint"),
-    ("checksum", "bigint"),
-    ("shard_count", "integer"),
-    ("inline", "bytea"),
-    ("migrations", "jsonb"),
-    ("new_record", "boolean"),
-)
+def _write_call(schema: str, many: bool) -> str:
+    """The fenced write: a call of ``write_version`` (one key) or ``write_versions`` (many).
 
-
-# Up to this many keys the write lists its rows as VALUES (one statement
-# text per count, prepared and planned once); beyond, it takes arrays.
-_MAX_VALUES_ROWS = 8
-
-
-@dataclass(frozen=True)
-class _WriteShape:
-    """What one write statement text covers (each shape is prepared once)."""
-
-    rows: int
-    """VALUES rows (up to :data:`_MAX_VALUES_ROWS`), or 0 for the array form."""
-    shards: bool
-    requests: bool
-    messages: bool
-    prune: bool
-    lock: bool
-    """Lock the lease rows (all but the first statement of :func:`write_streamed`)."""
-
-
-def _write_source(rows: int) -> tuple[str, str, str]:
-    """The ``input`` relation, its row count and the lease match, for ``rows`` (0: arrays)."""
-    names = ", ".join(name for name, _ in _INPUT_COLUMNS)
-    if rows:
-        values = ", ".join(
-            "("
-            + ", ".join(f"CAST(%({name}_{row})b AS {kind})" for name, kind in _INPUT_COLUMNS)
-            + ")"
-            for row in range(rows)
-        )
-        source = f"SELECT * FROM (VALUES {values}) AS t({names})"
-        return source, str(rows), "(l.key, l.token) IN (SELECT key, token FROM input)"
-    arrays = ", ".join(f"CAST(%({name}s)b AS {kind}[])" for name, kind in _INPUT_COLUMNS)
-    source = f"SELECT * FROM unnest({arrays}) AS t({names})"
-    # Two = ANY filters, not a join: with stale statistics (a table that
-    # just grew) the planner turns a join into nested seq scans, seconds
-    # for 10,000 keys; a filter is a hashed lookup either way. Tokens are
-    # unique across all leases, so matching key and token separately
-    # matches the pairs.
-    match = "l.key = ANY(CAST(%(keys)b AS text[])) AND l.token = ANY(CAST(%(tokens)b AS bigint[]))"
-    return source, "cardinality(CAST(%(keys)b AS text[]))", match
-
-
-def _bookkeeping_ctes(s: str, shape: _WriteShape) -> str:
-    """The parts of a write beside the version: shards, applied ids, delivered messages.
-
-    Each joins ``ver`` (the versions inserted now), so it happens exactly
-    when its key's version is written, in the same statement.
-    """
-    parts = []
-    if shape.shards:
-        parts.append(f"""sh AS (
-    INSERT INTO {s}.shards (store, key, version, idx, data)
-    SELECT %(store)b, p.key, p.version, p.idx, p.data
-    FROM unnest(CAST(%(shard_keys)b AS text[]), CAST(%(shard_versions)b AS bigint[]),
-                CAST(%(shard_idx)b AS integer[]), CAST(%(shard_data)b AS bytea[]))
-         AS p(key, version, idx, data)
-    JOIN ver USING (key)
-)""")
-    if shape.requests:
-        parts.append(f"""req AS (
-    INSERT INTO {s}.applied_requests (store, key, request_id, version, idx)
-    SELECT %(store)b, p.key, p.request_id, ver.version, p.idx
-    FROM unnest(CAST(%(req_keys)b AS text[]), CAST(%(req_ids)b AS text[]),
-                CAST(%(req_idx)b AS integer[])) AS p(key, request_id, idx)
-    JOIN ver USING (key)
-    ON CONFLICT DO NOTHING
-)""")
-    if shape.prune:
-        # Ids older than the newest :retention (as of before this statement)
-        # go; the ones written now are kept on top of those.
-        # The cutoff of each key is computed once (MATERIALIZED): left to the
-        # planner, the lateral subquery ran again for every row it deleted
-        # (measured: 400 ms for a key with 1,125 ids, against 1 ms).
-        parts.append(f"""req_cut AS MATERIALIZED (
-    SELECT ver.key, c.version, c.idx FROM ver CROSS JOIN LATERAL (
-        SELECT q.version, q.idx FROM {s}.applied_requests q
-        WHERE q.store = %(store)b AND q.key = ver.key
-        ORDER BY q.version DESC, q.idx DESC OFFSET %(retention)b LIMIT 1
-    ) AS c
-    WHERE ver.key = ANY(CAST(%(prune_keys)b AS text[]))
-), req_prune AS (
-    DELETE FROM {s}.applied_requests r USING req_cut cut
-    WHERE r.store = %(store)b AND r.key = cut.key AND (r.version, r.idx) <= (cut.version, cut.idx)
-)""")
-    if shape.messages:
-        parts.append(f"""msg AS (
-    DELETE FROM {s}.messages m
-    USING unnest(CAST(%(msg_keys)b AS text[]), CAST(%(msg_ids)b AS bigint[])) AS p(key, id)
-    JOIN ver USING (key)
-    WHERE m.store = %(store)b AND m.key = p.key AND m.id = p.id
-)""")
-    return "".join(", " + part for part in parts)
-
-
-def _write_statement(schema: str, shape: _WriteShape) -> str:
-    """The fenced write, for ``shape.rows`` keys as VALUES rows or (0) as arrays.
-
-    Both forms are the same statement over an ``input`` relation. The VALUES
-    form exists because PostgreSQL plans the array form on every execution,
-    which costs more than a whole single-key write (measured: 1.4 ms against
-    0.4 ms). Optional parts (shards, applied ids, delivered messages) are
-    left out when the write has none, and the lease rows are not locked
-    when ``shape.lock`` is false (the first statement of
-    :func:`write_streamed`, whose last statement locks and checks again).
+    Both are server functions (alembic revision 0004) that lock each key's
+    lease row, check holder, token and expiry on the database clock, and
+    only then insert the version, its shards, its record on a first save,
+    its applied request ids (pruned to the retention) and the deletion of
+    the messages it carries. The single-key call passes the key as a plain
+    parameter: on Citus the call then runs on the key's worker.
     """
     s = f'"{schema}"'
-    source, count, match = _write_source(shape.rows)
-    return f"""
-WITH input AS (
-    {source}
-), lease AS (
-    SELECT l.key FROM {s}.locks l
-    WHERE {LEASE_HELD.format(store="%(store)b", holder="%(holder)b", match=match)}
-    ORDER BY l.key{" FOR UPDATE OF l" if shape.lock else ""}
-), go AS (
-    SELECT i.* FROM input i JOIN lease USING (key)
-    WHERE NOT CAST(%(atomic)b AS boolean) OR (SELECT count(*) FROM lease) = {count}
-), rec AS (
-    INSERT INTO {s}.records (store, key)
-    SELECT %(store)b, key FROM go WHERE new_record
-    ON CONFLICT DO NOTHING
-), ver AS (
-    INSERT INTO {s}.versions (store, key, version, holder, token, codec, raw_size, stored_size,
-                              checksum, shard_count, inline, migrations)
-    SELECT %(store)b, key, version, CAST(%(holder)b AS uuid), token, codec, raw_size,
-           stored_size, checksum, shard_count, inline, migrations
-    FROM go
-    ON CONFLICT DO NOTHING
-    RETURNING key, version
-){_bookkeeping_ctes(s, shape)}
-SELECT i.key, i.version,
-       EXISTS (SELECT 1 FROM lease WHERE lease.key = i.key) AS leased,
-       EXISTS (SELECT 1 FROM ver WHERE ver.key = i.key) AS written
-FROM input i
-"""
+    if not many:
+        return (
+            f"SELECT leased, written FROM {s}.write_version(%(store)b, CAST(%(holder)b AS uuid), "
+            "%(key)b, CAST(%(token)b AS bigint), CAST(%(version)b AS bigint), "
+            "CAST(%(codec)b AS smallint), CAST(%(raw_size)b AS bigint), "
+            "CAST(%(stored_size)b AS bigint), CAST(%(checksum)b AS bigint), "
+            "CAST(%(shard_count)b AS integer), CAST(%(inline)b AS bytea), "
+            "CAST(%(migrations)b AS jsonb), CAST(%(new_record)b AS boolean), "
+            "CAST(%(shards)b AS bytea[]), CAST(%(requests)b AS text[]), "
+            "CAST(%(messages)b AS bigint[]), CAST(%(prune)b AS boolean), "
+            "CAST(%(retention)b AS integer), CAST(%(lock)b AS boolean))"
+        )
+    arrays = ", ".join(
+        f"CAST(%({name})b AS {kind}[])"
+        for name, kind in (
+            ("keys", "text"),
+            ("tokens", "bigint"),
+            ("versions", "bigint"),
+            ("codecs", "smallint"),
+            ("raw_sizes", "bigint"),
+            ("stored_sizes", "bigint"),
+            ("checksums", "bigint"),
+            ("shard_counts", "integer"),
+            ("inlines", "bytea"),
+            ("migrations", "jsonb"),
+            ("new_records", "boolean"),
+            ("shards", "bytea"),
+            ("shard_ends", "integer"),
+            ("requests", "text"),
+            ("request_ends", "integer"),
+            ("messages", "bigint"),
+            ("message_ends", "integer"),
+            ("prune", "boolean"),
+        )
+    )
+    return (
+        f"SELECT key, leased, written FROM {s}.write_versions(%(store)b, "
+        f"CAST(%(holder)b AS uuid), CAST(%(atomic)b AS boolean), {arrays}, "
+        "CAST(%(retention)b AS integer))"
+    )
 
 
 @functools.cache
@@ -389,68 +247,62 @@ def statements(schema: str) -> _Statements:
     return _Statements(schema)
 
 
-@functools.cache
-def _write_text(schema: str, shape: _WriteShape) -> str:
-    return _write_statement(schema, shape)
+def _one_params(item: WriteItem, lock: bool) -> dict[str, Any]:
+    """The single-key write's parameters for ``item`` (beside store, holder, retention)."""
+    return {
+        "key": item.key,
+        "token": item.token,
+        "version": item.version,
+        "codec": item.file.codec,
+        "raw_size": item.file.raw_size,
+        "stored_size": item.file.stored_size,
+        "checksum": item.file.checksum,
+        "shard_count": len(item.file.shards),
+        "inline": item.file.inline,
+        "migrations": orjson.dumps(list(item.migrations)).decode(),
+        "new_record": item.new_record,
+        "shards": list(item.file.shards),
+        "requests": list(item.requests),
+        "messages": list(item.messages),
+        "prune": item.prune_requests,
+        "lock": lock,
+    }
 
 
-def _write_params(
-    store: str, holder: str, items: Sequence[WriteItem], *, atomic: bool, rows: int
-) -> dict[str, Any]:
-    """The write statement's parameters: one set per row (VALUES form) or arrays."""
-    columns = [
-        (
-            item.key,
-            item.token,
-            item.version,
-            item.file.codec,
-            item.file.raw_size,
-            item.file.stored_size,
-            item.file.checksum,
-            len(item.file.shards),
-            item.file.inline,
-            orjson.dumps(list(item.migrations)).decode(),
-            item.new_record,
+def _many_params(items: Sequence[WriteItem]) -> dict[str, Any]:
+    """The many-key write's arrays: one entry per item, in key order.
+
+    Each item's shards, request ids and messages are a slice of one flat
+    array, ending (1-based, inclusive) at the item's ``*_ends`` entry.
+    """
+    ordered = sorted(items, key=lambda item: item.key)
+    singles = [_one_params(item, True) for item in ordered]
+    params: dict[str, Any] = {
+        plural: [one[single] for one in singles]
+        for plural, single in (
+            ("keys", "key"),
+            ("tokens", "token"),
+            ("versions", "version"),
+            ("codecs", "codec"),
+            ("raw_sizes", "raw_size"),
+            ("stored_sizes", "stored_size"),
+            ("checksums", "checksum"),
+            ("shard_counts", "shard_count"),
+            ("inlines", "inline"),
+            ("migrations", "migrations"),
+            ("new_records", "new_record"),
+            ("prune", "prune"),
         )
-        for item in items
-    ]
-    params: dict[str, Any] = {"store": store, "holder": holder, "atomic": atomic}
-    for position, (name, _) in enumerate(_INPUT_COLUMNS):
-        if rows:
-            for row, values in enumerate(columns):
-                params[f"{name}_{row}"] = values[position]
-        else:
-            params[name + "s"] = [values[position] for values in columns]
-    shards = [
-        (item.key, item.version, index, chunk)
-        for item in items
-        for index, chunk in enumerate(item.file.shards)
-    ]
-    if shards:
-        keys, versions, indexes, data = zip(*shards, strict=True)
-        params.update(
-            shard_keys=list(keys),
-            shard_versions=list(versions),
-            shard_idx=list(indexes),
-            shard_data=list(data),
-        )
-    _bookkeeping_params(params, items)
+    }
+    for name in ("shards", "requests", "messages"):
+        flat: list[Any] = []
+        ends: list[int] = []
+        for one in singles:
+            flat += one[name]
+            ends.append(len(flat))
+        params[name] = flat
+        params[name[:-1] + "_ends"] = ends
     return params
-
-
-def _bookkeeping_params(params: dict[str, Any], items: Sequence[WriteItem]) -> None:
-    """Applied request ids, messages to delete and keys to prune, as arrays."""
-    requests = [(i.key, rid, idx) for i in items for idx, rid in enumerate(i.requests)]
-    if requests:
-        keys, ids, indexes = zip(*requests, strict=True)
-        params.update(req_keys=list(keys), req_ids=list(ids), req_idx=list(indexes))
-    messages = [(i.key, mid) for i in items for mid in i.messages]
-    if messages:
-        keys, mids = zip(*messages, strict=True)
-        params.update(msg_keys=list(keys), msg_ids=list(mids))
-    prune = [i.key for i in items if i.prune_requests]
-    if prune:
-        params["prune_keys"] = prune
 
 
 def write_versions(
@@ -472,37 +324,36 @@ def write_versions(
     that an earlier attempt of this same write already committed (the
     connection dropped before the answer came) counts as written.
 
-    ``final=False`` (the first statement of :func:`write_streamed`): the
-    lease rows are checked but not locked, and only versions inserted now
-    count as written (the caller checks for an earlier attempt itself).
-    ``retention``: applied ids kept per key when an item prunes them.
+    ``final=False`` (the first statement of :func:`write_streamed`, one
+    item): the lease row is checked but not locked, and only a version
+    inserted now counts as written (the caller checks for an earlier
+    attempt itself). ``retention``: applied ids kept per key when an item
+    prunes them.
     """
-    rows = len(items) if len(items) <= _MAX_VALUES_ROWS else 0
-    params = _write_params(store, holder, items, atomic=atomic, rows=rows)
-    shape = _WriteShape(
-        rows=rows,
-        shards="shard_keys" in params,
-        requests="req_keys" in params,
-        messages="msg_keys" in params,
-        prune="prune_keys" in params,
-        lock=final,
-    )
-    if shape.prune:
-        params["retention"] = retention
-    statement = _write_text(schema, shape)
+    many = len(items) > 1
+    params: dict[str, Any] = {"store": store, "holder": holder, "retention": retention}
+    if many:
+        params.update(_many_params(items), atomic=atomic)
+    else:
+        params.update(_one_params(items[0], final))
     result = WriteResult()
     by_key = {item.key: item for item in items}
     with driver_cursor(conn, binary=True) as cursor:
-        # The array form is planned afresh each time (see db.driver_cursor).
-        answer = cursor.execute(statement, params, prepare=None if rows else False).fetchall()
-    for row in answer:
+        answer = cursor.execute(
+            _write_call(schema, many), params, prepare=None if not many else False
+        )
+        rows = [
+            (row.key if many else items[0].key, row.leased, row.written)
+            for row in answer.fetchall()
+        ]
+    for key, leased, written in rows:
         # Not written now: an earlier attempt of this very write may have
         # committed before its connection dropped (even if the lease has
         # gone since); only then does it count as written.
-        if row.written or (final and _ours(conn, schema, store, holder, by_key[row.key])):
-            result.written.add(row.key)
-        elif not row.leased:
-            result.lost.add(row.key)
+        if written or (final and _ours(conn, schema, store, holder, by_key[key])):
+            result.written.add(key)
+        elif not leased:
+            result.lost.add(key)
     return result
 
 
@@ -685,18 +536,32 @@ def read_for_load(
     return LoadedKey(stored, tuple(row.requests), bool(row.has_messages))
 
 
+def _read_rows(
+    conn: sa.Connection, schema: str, store: str, keys: Sequence[str], retention: int | None
+) -> list[Any]:
+    """Rows of the ``read_many`` function: bookkeeping too unless ``retention`` is None."""
+    params = {
+        "store": store,
+        "keys": list(keys),
+        "retention": retention or 0,
+        "bookkeeping": retention is not None,
+    }
+    with driver_cursor(conn, binary=True) as cursor:
+        return cursor.execute(statements(schema).read_many, params, prepare=False).fetchall()
+
+
+def _stored_of(store: str, row: Any) -> StoredVersion | None:
+    if row.version is None:
+        return None
+    return _stored(row, f"store {store!r} key {row.wanted!r} version {row.version}")
+
+
 def read_many(
     conn: sa.Connection, schema: str, store: str, keys: Sequence[str]
 ) -> dict[str, StoredVersion | None]:
     """The newest version of each of ``keys`` (None: never saved), in one statement."""
-    with driver_cursor(conn, binary=True) as cursor:
-        params = {"store": store, "keys": list(keys)}
-        rows = cursor.execute(statements(schema).read_many, params, prepare=False).fetchall()
     return {
-        row.wanted: None
-        if row.version is None
-        else _stored(row, f"store {store!r} key {row.wanted!r} version {row.version}")
-        for row in rows
+        row.wanted: _stored_of(store, row) for row in _read_rows(conn, schema, store, keys, None)
     }
 
 
@@ -704,19 +569,9 @@ def read_many_for_load(
     conn: sa.Connection, schema: str, store: str, keys: Sequence[str], retention: int
 ) -> dict[str, LoadedKey]:
     """:func:`read_for_load` of many keys, in one statement."""
-    with driver_cursor(conn, binary=True) as cursor:
-        params = {"store": store, "keys": list(keys), "retention": retention}
-        sql = statements(schema).read_many_for_load
-        rows = cursor.execute(sql, params, prepare=False).fetchall()
     return {
-        row.wanted: LoadedKey(
-            None
-            if row.version is None
-            else _stored(row, f"store {store!r} key {row.wanted!r} version {row.version}"),
-            tuple(row.requests),
-            bool(row.has_messages),
-        )
-        for row in rows
+        row.wanted: LoadedKey(_stored_of(store, row), tuple(row.requests), bool(row.has_messages))
+        for row in _read_rows(conn, schema, store, keys, retention)
     }
 
 
@@ -778,4 +633,4 @@ def erase_key(
         "token": token,
         "channel": free_channel(schema, store),
     }
-    return conn.execute(statements(schema).erase, params).first() is not None
+    return bool(conn.execute(statements(schema).erase, params).scalar())

@@ -4,13 +4,15 @@ Owns the ``locks`` table's statements. A lease row carries the holder id, a
 fencing token drawn from a global sequence (so it only ever grows, for every
 key, even across release and erase), and ``expires_at`` on the database
 clock (``clock_timestamp()``: ``now()`` is frozen at the start of a
-transaction). Rows are found by ``(store, key, token)``, never by a ctid that
-a concurrent renewal may have moved. Statements that lock several lease rows
-lock them in key order, so they can never deadlock each other; the renewal
-skips rows someone else has locked (an operator's ``SELECT ... FOR UPDATE``)
-so that such a row puts only its own key at risk. Releases and handovers
-announce the key on the store's free channel, which wakes waiting loaders.
-The fence itself is part of every write (:mod:`.files`).
+transaction). Each statement is a call of a server function (alembic
+revision 0004), so that a lease row is locked only while one statement
+runs, and so that the same calls run on Citus (docs/scaling.md#citus).
+Rows are found by ``(store, key, token)``. The renewal waits a bounded
+time for a row someone else has locked (an operator's ``SELECT ... FOR
+UPDATE``) and then splits its keys, so that such a row puts only its own
+key at risk. Releases and handovers announce the key on the store's free
+channel, which wakes waiting loaders. The fence itself is part of every
+write (:mod:`.files`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Iterable, Sequence
 
 import sqlalchemy as sa
 
-from ..db import driver_connection, driver_cursor
+from ..db import driver_cursor
 from .sql import ALIVE_SQL, free_channel, holder_channel
 from .types import LeaseInfo, Renewal
 
@@ -43,143 +45,63 @@ __all__ = [
 
 HOST = socket.gethostname()
 
-# Statements on many lease rows find them with one filtered scan that locks
-# them in key order, then change them by key (the primary key), re-checking
-# holder and token. No join: with stale statistics (a table that just grew by
-# thousands of leases) the planner estimates one row and turns a join into
-# nested loops, seconds for 10,000 leases (measured). The pairs are two = ANY
-# filters: tokens are unique across all leases, so matching keys and tokens
-# separately matches exactly the pairs.
-_MATCH = "key = ANY(CAST(%(keys)s AS text[])) AND token = ANY(CAST(%(tokens)s AS bigint[]))"
-
 
 class LeaseStatements:
-    """The lease SQL of one (validated) schema name."""
+    """The lease SQL of one (validated) schema name: calls of its server functions.
+
+    Each function (alembic revision 0004) is one statement that locks a
+    lease row only while it runs: on Citus, single-shard statements on the
+    key's worker, with ``nextval``, ``pg_locks`` and ``pg_notify`` on the
+    coordinator (docs/scaling.md#citus).
+    """
 
     def __init__(self, schema: str) -> None:
         s = f'"{schema}"'
-        self._taking(s)
-        self._keeping(s)
-        self._letting_go(s)
-
-    def _taking(self, s: str) -> None:
         # Take the row if it is free (no row), expired, already ours (a
         # session we closed locally after losing track of it, or a key another
         # holder handed over to us), or held by a holder the caller saw dead
         # (advisory lock gone) for the whole grace and that is still dead now,
         # at the same token. The new token fences whatever the previous owner
         # still has in flight.
-        self.acquire = sa.text(f"""
-INSERT INTO {s}.locks AS l (store, key, holder, token, acquired_at, expires_at, host, pid,
-                            liveness)
-VALUES (:store, :key, :holder, nextval('{s}.lease_tokens'), clock_timestamp(),
-        clock_timestamp() + make_interval(secs => :duration), :host, :pid, :liveness)
-ON CONFLICT (store, key) DO UPDATE
-    SET holder = excluded.holder, token = excluded.token, acquired_at = excluded.acquired_at,
-        expires_at = excluded.expires_at, host = excluded.host, pid = excluded.pid,
-        liveness = excluded.liveness
-    WHERE l.expires_at <= clock_timestamp() OR l.holder = excluded.holder
-       OR (l.holder = CAST(:dead_holder AS uuid) AND l.token = :dead_token AND l.liveness
-           AND NOT {ALIVE_SQL.format(holder="l.holder")})
-RETURNING token
-""")
+        self.acquire = sa.text(
+            f"SELECT {s}.lease_acquire(:store, :key, CAST(:holder AS uuid), :duration, :host, "
+            ":pid, :liveness, CAST(:dead_holder AS uuid), CAST(:dead_token AS bigint))"
+        )
         # Many free or expired leases at once, taken in key order (offline
         # edits, imports); a key held by anyone else is left out. Ours: a
         # lease this holder no longer tracks (the caller claimed the keys in
         # its registry first, so nothing here uses them).
-        self.acquire_many = sa.text(f"""
-INSERT INTO {s}.locks AS l (store, key, holder, token, acquired_at, expires_at, host, pid,
-                            liveness)
-SELECT :store, k.key, :holder, nextval('{s}.lease_tokens'), clock_timestamp(),
-       clock_timestamp() + make_interval(secs => :duration), :host, :pid, :liveness
-FROM unnest(CAST(:keys AS text[])) AS k(key)
-ORDER BY k.key
-ON CONFLICT (store, key) DO UPDATE
-    SET holder = excluded.holder, token = excluded.token, acquired_at = excluded.acquired_at,
-        expires_at = excluded.expires_at, host = excluded.host, pid = excluded.pid,
-        liveness = excluded.liveness
-    WHERE l.expires_at <= clock_timestamp() OR l.holder = excluded.holder
-RETURNING key, token
-""")
-        self.info = sa.text(
-            "SELECT holder, token, expires_at, expires_at > clock_timestamp() AS active, "
-            f"host, pid, liveness, {ALIVE_SQL.format(holder='holder')} AS alive "
-            f"FROM {s}.locks WHERE store = :store AND key = :key"
+        self.acquire_many = sa.text(
+            f"SELECT key, token FROM {s}.lease_acquire_many(:store, CAST(:keys AS text[]), "
+            "CAST(:holder AS uuid), :duration, :host, :pid, :liveness)"
         )
-
-    def _keeping(self, s: str) -> None:
+        self.info = sa.text(f"SELECT * FROM {s}.lease_info(:store, :key)")
         # Renew exactly the leases the holder still uses (a lease it no longer
-        # tracks, after a release that failed, is left to expire), skipping
-        # rows that someone else holds locked: waiting for one would stall the
-        # renewal of every other key. The rows are found by (store, key, token)
-        # and locked; the UPDATE then addresses the versions it just locked by
-        # ctid (locked, so nobody can move them before it runs). A key filter
-        # here instead costs seconds for 10,000 leases when the table's
-        # statistics are stale (measured: 2.0 s against 0.23 s). A row moved
-        # by a statement that committed after this one's snapshot is missed,
-        # never wrongly renewed: renew_all retries it alone.
-        mine = (
-            f"FROM {s}.locks WHERE store = %(store)s AND holder = %(holder)s "
-            f"AND {_MATCH} AND expires_at > clock_timestamp() ORDER BY key"
+        # tracks, after a release that failed, is left to expire), waiting at
+        # most lock_timeout for a row someone else holds locked.
+        self.renew = (
+            f"SELECT key, token FROM {s}.lease_renew(%(store)s, %(holder)s, "
+            "CAST(%(keys)s AS text[]), CAST(%(tokens)s AS bigint[]), %(duration)s, "
+            "%(lock_timeout)s)"
         )
-        self.renew = f"""
-UPDATE {s}.locks SET expires_at = clock_timestamp() + make_interval(secs => %(duration)s)
-WHERE ctid = ANY(ARRAY(SELECT ctid {mine} FOR UPDATE SKIP LOCKED))
-RETURNING key, token
-"""
-        # Which of the leases the renewal missed are still ours and unexpired
-        # (a plain read never waits for a row lock).
-        self.still_ours = f"SELECT key {mine}"
-        # One missed row, waiting for its lock (bounded by a local lock_timeout).
-        self.renew_one = (
-            f"UPDATE {s}.locks SET expires_at = clock_timestamp() "
-            "+ make_interval(secs => %(duration)s) "
-            "WHERE store = %(store)s AND key = %(key)s AND holder = %(holder)s "
-            "AND token = %(token)s AND expires_at > clock_timestamp() RETURNING key"
+        # Release the given leases (ones already lost are skipped); each
+        # released key is announced to waiters.
+        self.release = (
+            f"SELECT * FROM {s}.lease_release(%(store)s, %(holder)s, CAST(%(keys)s AS text[]), "
+            "CAST(%(tokens)s AS bigint[]), %(channel)s) AS key"
         )
-
-    def _letting_go(self, s: str) -> None:
-        # Release the rows found by (store, key, token), locked in key order,
-        # addressed by the ctid of the version just locked (fast, see renew).
-        # A row that a renewal moved after this statement's snapshot is not
-        # deleted by it: release() sees it missing and releases it again.
-        # Each released key is announced to waiters.
-        self.release = f"""
-WITH gone AS (
-    DELETE FROM {s}.locks
-    WHERE ctid = ANY(ARRAY(
-        SELECT ctid FROM {s}.locks
-        WHERE store = %(store)s AND holder = %(holder)s AND {_MATCH}
-        ORDER BY key FOR UPDATE
-    ))
-    RETURNING key
-)
-SELECT key, pg_notify(%(channel)s, key) FROM gone
-"""
         # A lease handed to this holder that it never took (pid 0 marks the
         # reservation; taking it sets the taker's pid): let it go.
-        self.release_unclaimed = f"""
-WITH gone AS (
-    DELETE FROM {s}.locks
-    WHERE store = %(store)s AND key = %(key)s AND holder = %(holder)s AND pid = 0
-    RETURNING key
-)
-SELECT pg_notify(%(channel)s, key) FROM gone
-"""
+        self.release_unclaimed = (
+            f"SELECT {s}.lease_release_unclaimed(%(store)s, %(key)s, %(holder)s, %(channel)s)"
+        )
         # A handoff: the lease passes to the holder that asked for it (with a
         # new token and a short expiry, until that holder takes it properly),
         # so the process that handed it over cannot take it straight back.
-        self.hand_over = f"""
-WITH moved AS (
-    UPDATE {s}.locks
-    SET holder = CAST(%(to)s AS uuid), token = nextval('{s}.lease_tokens'),
-        expires_at = clock_timestamp() + make_interval(secs => %(reserve)s),
-        acquired_at = clock_timestamp(), host = '', pid = 0, liveness = true
-    WHERE store = %(store)s AND key = %(key)s AND holder = %(holder)s AND token = %(token)s
-    RETURNING key
-)
-SELECT pg_notify(%(channel)s, key) FROM moved
-"""
+        self.hand_over = (
+            f"SELECT {s}.lease_hand_over(%(store)s, %(holder)s, %(key)s, %(token)s, "
+            "CAST(%(to)s AS uuid), %(reserve)s, %(channel)s)"
+        )
 
 
 @functools.cache
@@ -260,14 +182,20 @@ def renew(
     holder: str,
     duration: float,
     leases: Iterable[tuple[str, int]],
+    *,
+    wait: float,
 ) -> dict[str, int]:
     """Extend the given live ``(key, token)`` leases of ``holder`` in one statement.
 
-    Returns what was renewed, ``{key: token}``. A lease missing from it has
-    expired, was taken over, or is row-locked by someone else right now
-    (:func:`renew_all` tells those apart).
+    Returns what was renewed, ``{key: token}``; a lease missing from it has
+    expired or was taken over. Raises psycopg's ``LockNotAvailable`` if a
+    row stayed locked by someone else for ``wait`` seconds.
     """
-    params = {**_pairs(store, holder, leases), "duration": duration}
+    params = {
+        **_pairs(store, holder, leases),
+        "duration": duration,
+        "lock_timeout": f"{max(1, int(wait * 1000))}ms",
+    }
     with driver_cursor(conn) as cursor:
         rows = cursor.execute(lease_statements(schema).renew, params, prepare=False).fetchall()
     return {row.key: row.token for row in rows}
@@ -283,44 +211,29 @@ def renew_all(
     *,
     wait: float,
 ) -> Renewal:
-    """The heartbeat: renew in one statement, then the rows it had to skip one by one.
+    """The heartbeat: renew in one statement; split the keys around a locked row.
 
-    A skipped row that is still ours is renewed alone, waiting at most
-    ``wait`` seconds for its lock (a ``SET LOCAL lock_timeout``: nothing is
-    left on the connection). One that stays locked is reported ``busy``: at
-    risk, but not lost.
+    A lease row locked by someone else (an operator's ``SELECT ... FOR
+    UPDATE``) for ``wait`` seconds fails the statement; the keys are then
+    renewed in halves, and halves of those, so that such a row puts only its
+    own key at risk: it is reported ``busy`` (at risk, not lost), and the
+    others are renewed with a few more statements (two per halving).
     """
-    wanted = dict(leases)
-    renewed = renew(conn, schema, store, holder, duration, wanted.items())
-    missing = [(key, token) for key, token in wanted.items() if renewed.get(key) != token]
-    if not missing:
-        return Renewal(renewed, frozenset())
-    sql = lease_statements(schema)
-    with driver_cursor(conn) as cursor:
-        ours = cursor.execute(
-            sql.still_ours, _pairs(store, holder, missing), prepare=False
-        ).fetchall()
+    renewed: dict[str, int] = {}
     busy: set[str] = set()
-    driver = driver_connection(conn)
-    for row in ours:
-        params = {
-            "store": store,
-            "holder": holder,
-            "key": row.key,
-            "token": wanted[row.key],
-            "duration": duration,
-        }
+    pending = [sorted(dict(leases).items())]
+    while pending:
+        part = pending.pop()
         try:
-            with driver.transaction(), driver.cursor() as cursor:
-                timeout = f"{max(1, int(wait * 1000))}ms"
-                cursor.execute("SELECT set_config('lock_timeout', %s, true)", (timeout,))
-                if cursor.execute(sql.renew_one, params).fetchone() is not None:
-                    renewed[row.key] = wanted[row.key]
-                    continue
+            renewed.update(renew(conn, schema, store, holder, duration, part, wait=wait))
         except Exception as exc:
             if getattr(exc, "sqlstate", None) != "55P03":  # lock_not_available
                 raise
-        busy.add(row.key)
+            if len(part) == 1:
+                busy.add(part[0][0])
+            else:
+                middle = len(part) // 2
+                pending += [part[:middle], part[middle:]]
     return Renewal(renewed, frozenset(busy))
 
 
@@ -331,28 +244,9 @@ def release(
     wanted = dict(leases)
     if not wanted:
         return
-    channel = free_channel(schema, store)
-    params = {**_pairs(store, holder, wanted.items()), "channel": channel}
-    sql = lease_statements(schema)
+    params = {**_pairs(store, holder, wanted.items()), "channel": free_channel(schema, store)}
     with driver_cursor(conn) as cursor:
-        for _ in range(_RELEASE_ATTEMPTS):
-            gone = {row.key for row in cursor.execute(sql.release, params, prepare=False)}
-            wanted = {key: token for key, token in wanted.items() if key not in gone}
-            if not wanted:
-                return
-            # Missed: already lost (gone or someone else's), or moved by a
-            # renewal that committed after the statement began. Look again.
-            ours = cursor.execute(
-                sql.still_ours, _pairs(store, holder, wanted.items()), prepare=False
-            ).fetchall()
-            wanted = {row.key: wanted[row.key] for row in ours}
-            if not wanted:
-                return
-            params = {**_pairs(store, holder, wanted.items()), "channel": channel}
-
-
-_RELEASE_ATTEMPTS = 3
-"""A renewal moves a row at most once per heartbeat: a third miss means a stuck row."""
+        cursor.execute(lease_statements(schema).release, params, prepare=False)
 
 
 def hand_over(
@@ -376,7 +270,8 @@ def hand_over(
         "channel": free_channel(schema, store),
     }
     with driver_cursor(conn) as cursor:
-        return cursor.execute(lease_statements(schema).hand_over, params).fetchone() is not None
+        row = cursor.execute(lease_statements(schema).hand_over, params).fetchone()
+    return bool(row is not None and row[0])
 
 
 def release_unclaimed(conn: sa.Connection, schema: str, store: str, holder: str, key: str) -> None:

@@ -17,9 +17,7 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 
-from ..db import driver_connection
 from ..frozen import decode
-from .sql import message_channel_sql
 from .types import Message
 
 __all__ = ["pending", "send", "waiting"]
@@ -28,30 +26,14 @@ __all__ = ["pending", "send", "waiting"]
 class _Statements:
     def __init__(self, schema: str) -> None:
         s = f'"{schema}"'
-        self.lock = sa.text(
-            "SELECT pg_advisory_xact_lock(hashtext('sessionstore.messages'), "
-            "hashtext(:store || '/' || :key))"
+        # One call (alembic revision 0004): the per-key advisory lock, the
+        # room counted up to :max only (an index range, never the whole
+        # queue), the insert, and the NOTIFY to the key's live holder. A
+        # retry of this very send (same nonce) finds its row.
+        self.send = sa.text(
+            f"SELECT {s}.message_send(:store, :key, CAST(:body AS jsonb), "
+            "CAST(:nonce AS uuid), :max)"
         )
-        # Room is counted up to :max only (an index range, never the whole
-        # queue). A retry of this very send (same nonce) finds its row.
-        self.send = sa.text(f"""
-WITH earlier AS (
-    SELECT id FROM {s}.messages
-    WHERE store = :store AND key = :key AND nonce = CAST(:nonce AS uuid)
-), room AS (
-    SELECT count(*) < :max AND NOT EXISTS (SELECT 1 FROM earlier) AS ok
-    FROM (SELECT 1 FROM {s}.messages WHERE store = :store AND key = :key LIMIT :max) AS m
-), sent AS (
-    INSERT INTO {s}.messages (store, key, body, nonce)
-    SELECT :store, :key, CAST(:body AS jsonb), CAST(:nonce AS uuid) FROM room WHERE ok
-    RETURNING id
-)
-SELECT coalesce((SELECT id FROM sent), (SELECT id FROM earlier)) AS id,
-       (SELECT count(pg_notify({message_channel_sql("l.holder")}, :key))
-        FROM {s}.locks l
-        WHERE l.store = :store AND l.key = :key AND l.expires_at > clock_timestamp()
-          AND EXISTS (SELECT 1 FROM sent)) AS woken
-""")
         self.pending = sa.text(
             f"SELECT id, CAST(body AS text) AS body FROM {s}.messages "
             "WHERE store = :store AND key = :key AND id > :after ORDER BY id LIMIT :limit"
@@ -83,9 +65,7 @@ def send(
     """
     sql = _sql(schema)
     params = {"store": store, "key": key, "body": body, "max": max_pending, "nonce": nonce}
-    with driver_connection(conn).transaction():
-        conn.execute(sql.lock, params)
-        found = conn.execute(sql.send, params).scalar()
+    found = conn.execute(sql.send, params).scalar()
     return None if found is None else int(found)
 
 

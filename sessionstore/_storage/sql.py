@@ -21,7 +21,6 @@ __all__ = [
     "holder_channel",
     "listen",
     "message_channel",
-    "message_channel_sql",
     "one_lease",
 ]
 
@@ -63,11 +62,6 @@ def holder_channel(holder: str) -> str:
 def message_channel(holder: str) -> str:
     """The channel a holder listens on for messages to its keys (payload: the key)."""
     return "sessionstore_m" + holder.replace("-", "")
-
-
-def message_channel_sql(holder: str) -> str:
-    """:func:`message_channel` as an SQL expression of a holder column (``l.holder``)."""
-    return f"'sessionstore_m' || replace(CAST({holder} AS text), '-', '')"
 
 
 def free_channel(schema: str, store: str) -> str:
