@@ -175,11 +175,16 @@ class Sql:
         The thief keeps no liveness lock (``liveness = false``), so its lease
         can only be taken over when it expires.
         """
+        # Values first, then a plain UPDATE: Citus refuses volatile
+        # functions (nextval, clock_timestamp) in an UPDATE's SET.
+        token = self.scalar("SELECT nextval('{s}.lease_tokens')")
         return self.execute(
-            "UPDATE {s}.locks SET holder = gen_random_uuid(), token = nextval('{s}.lease_tokens'), "
-            "expires_at = clock_timestamp() + interval '1 hour', liveness = false "
+            "UPDATE {s}.locks SET holder = CAST(:thief AS uuid), token = :token, "
+            "expires_at = now() + interval '1 hour', liveness = false "
             "WHERE store = :store AND key = :key",
             key=key,
+            thief=str(uuid.uuid4()),
+            token=token,
         )
 
     def versions(self, key: str) -> list[Any]:

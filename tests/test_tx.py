@@ -10,6 +10,7 @@ import sys
 import textwrap
 import threading
 import time
+import uuid
 from typing import Any
 
 import psycopg
@@ -218,9 +219,9 @@ def test_lease_stolen_during_tx_writes_nothing(
     def steal_then_move(docs: dict[str, Any]) -> bool:
         with psycopg.connect(sessionstore_dsn, autocommit=True) as conn:
             conn.execute(
-                f'UPDATE "{sessionstore_schema}".locks SET holder = gen_random_uuid(), '
+                f'UPDATE "{sessionstore_schema}".locks SET holder = %s, '
                 "token = token + 1000000 WHERE store = %s AND key = 'b'",
-                (store.name,),
+                (uuid.uuid4(), store.name),
             )
         docs["a"]["coins"] -= 5
         docs["b"]["coins"] += 5

@@ -409,6 +409,7 @@ DECLARE
     v_cut bigint;
     v_count bigint;
     v_total bigint := 0;
+    v_before timestamptz := clock_timestamp() - make_interval(secs => p_age);
     k text;
 BEGIN
     IF NOT pg_try_advisory_xact_lock(hashtext('sessionstore:janitor:' || p_schema),
@@ -424,7 +425,7 @@ BEGIN
         CONTINUE WHEN v_cut IS NULL;
         DELETE FROM {s}.versions v
         WHERE v.store = p_store AND v.key = k AND v.version <= v_cut
-          AND v.created_at < clock_timestamp() - make_interval(secs => p_age);
+          AND v.created_at < v_before;
         GET DIAGNOSTICS v_count = ROW_COUNT;
         v_total := v_total + v_count;
     END LOOP;
@@ -528,6 +529,7 @@ DECLARE
     v_token bigint;
     v_id bigint;
     v_at timestamptz;
+    v_now timestamptz;
 BEGIN
     SET LOCAL citus.propagate_set_commands = 'local';
     EXECUTE 'SET LOCAL lock_timeout = ' || quote_literal(p_lock_timeout);
@@ -537,9 +539,10 @@ BEGIN
         RETURN;
     END IF;
     v_token := nextval('{s}.lease_tokens');
+    v_now := clock_timestamp();
     UPDATE {s}.locks l
-    SET holder = p_holder, token = v_token, acquired_at = clock_timestamp(),
-        expires_at = clock_timestamp(), host = p_host, pid = p_pid, liveness = false
+    SET holder = p_holder, token = v_token, acquired_at = v_now, expires_at = v_now,
+        host = p_host, pid = p_pid, liveness = false
     WHERE l.store = p_store AND l.key = p_key;
     INSERT INTO {s}.audit (store, key, action, reason, old_holder, old_token, old_host,
                            old_pid, new_token, actor)

@@ -229,7 +229,8 @@ def unlock(
         "lock_timeout": f"{max(1, int(lock_wait * 1000))}ms",
         "channel": free_channel(schema, store),
     }
-    done = conn.execute(statements(schema).unlock, params).first()
+    with conn.begin():
+        done = conn.execute(statements(schema).unlock, params).first()
     if done is None:
         return None
     return Unlocked(
