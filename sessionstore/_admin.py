@@ -118,7 +118,11 @@ class Admin:
 
         try:
             return with_retries(
-                self.retry, f"{self.describe()}: {what}", attempt, secrets=self._secrets
+                self.retry,
+                f"{self.describe()}: {what}",
+                attempt,
+                secrets=self._secrets,
+                unprepare=lambda: db.disable_prepared_statements(self.engine),
             )
         except StorageUnavailableError as exc:
             if exc.__cause__ is None or sqlstate_of(exc.__cause__) not in _MISSING_OBJECT:

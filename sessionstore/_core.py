@@ -126,6 +126,9 @@ class StoreCore:
 
     def _start(self, engine: sa.Engine) -> None:
         config = self.config
+        # First, and in one statement: a role missing a grant fails here, with
+        # every missing privilege named, not later at the call that needs one.
+        self.repo.check_privileges()
         url = engine.url if config.control_dsn is None else db.resolve_url(config.control_dsn)
         self.control = ControlConnection(
             libpq_url(url),
@@ -142,23 +145,50 @@ class StoreCore:
         )
         if not self.control.wait_ready(max(config.retry_timeout, 5.0)):
             error = self.control.last_error
-            password = sa.make_url(engine.url).password if config.control_dsn is None else None
+            password = sa.make_url(url).password  # the control connection's own DSN's
             why = describe(error, [str(password)] if password else []) if error else "timed out"
             raise StorageUnavailableError(f"store {self.name!r}: control connection failed: {why}")
-        if self.liveness and not self.repo.holder_alive():
-            # e.g. a control_dsn on another server or through a pooler: others
-            # could never see us alive, so never offer instant takeover.
-            self.log(
-                logging.WARNING,
-                None,
-                "the control connection's advisory lock is not visible to other sessions; "
-                "instant takeover is off (leases are taken only when they expire)",
-            )
-            self.liveness = False
+        self._check_control()
         self.scheduler = Scheduler(f"sessionstore-sched-{self.name}")
         self.scheduler.every(config.lock_refresh_interval, Heartbeat(self))
         self.scheduler.every(config.autosave_interval, Autosave(self))
         self.scheduler.every(config.janitor_interval, Prune(self))
+
+    def _check_control(self) -> None:
+        """Warn and turn instant takeover off if the control connection is no session of its own.
+
+        Others must see its advisory lock (not so with a control_dsn on another
+        server) and it must hear their NOTIFYs. Behind PgBouncer in transaction
+        mode the lock does look held (it stays on the server connection that
+        took it, lent to others since, whatever becomes of this process), but
+        no notification reaches it: only the second test tells.
+        """
+        assert self.control is not None
+        visible = not self.liveness or self.repo.holder_alive()
+        # The probe is a handoff request to ourselves, sent through the pool,
+        # for a key that does not exist; its payload is "requester key".
+        probe = f"probe-{uuid.uuid4().hex}"
+        wait = max(2.0, min(self.config.retry_timeout, 5.0))
+        if visible and self.control.hears(
+            holder_channel(self.holder),
+            f"{self.holder} {probe}",
+            lambda: self.repo.request_handoff(self.holder, probe),
+            wait,
+        ):
+            return
+        self.log(
+            logging.WARNING,
+            None,
+            "the control connection is not a session of its own: %s; give the store a "
+            "control_dsn that goes to PostgreSQL directly (docs/scaling.md#pgbouncer). "
+            "Instant takeover is off (leases are taken only when they expire), and handoff "
+            "requests and message notifications are not heard",
+            "its advisory lock is not visible to other sessions"
+            if not visible
+            else f"it did not hear a notification sent from the pool within {wait:g} s "
+            "(a pool in transaction mode, such as PgBouncer, in between?)",
+        )
+        self.liveness = False
 
     def close(self) -> None:
         """Cancel loads, stop the timers and the worker, unload every key, stop the rest.

@@ -230,6 +230,15 @@ class StoreConfig:
             _dsn,
         ),
     )
+    prepared_statements: bool = field(
+        default=True,
+        metadata=_meta(
+            "let psycopg prepare statements on the server (after 5 runs); `False` behind "
+            "PgBouncer in transaction mode before 1.21 (else turned off, with a warning, "
+            "at the first statement the server lost)",
+            _args.check_bool,
+        ),
+    )
     pool_size: int = field(
         default=10,
         metadata=_meta(

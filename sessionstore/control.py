@@ -12,7 +12,12 @@ grace, and see any sighting of the lock restart it, before they treat a
 missing lock as a death (fencing keeps even a wrong guess safe).
 
 Session advisory locks and LISTEN need a real session: behind PgBouncer in
-transaction mode give the Store a ``control_dsn`` that bypasses it.
+transaction mode give the Store a ``control_dsn`` that bypasses it. Without
+one, the lock and the LISTEN land on whichever server connection PgBouncer
+lent for that statement, and stay there after it is lent to others: the
+lock still looks held (for as long as that server connection lives, however
+the process fares), and notifications never reach this connection.
+:meth:`ControlConnection.hears` is how the Store finds out at start.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import time
 from collections.abc import Callable, Mapping
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from ._storage.sql import ADVISORY_LOCK, listen
 from .db import libpq_conninfo as libpq_url
@@ -30,6 +36,21 @@ from .db import libpq_conninfo as libpq_url
 __all__ = ["ControlConnection", "libpq_url"]
 
 logger = logging.getLogger("sessionstore")
+
+
+def _with_connect_timeout(conninfo: str) -> str:
+    """``conninfo`` with ``connect_timeout=10`` unless it has one (the DSN wins, as for the engine).
+
+    psycopg waits that long for each host of a multi-host DSN in turn: after a
+    failover, a dead primary that does not answer (its machine down, rather
+    than refusing) costs a whole timeout before the promoted standby is
+    tried. A fixed 10 s here (it overrode the DSN's) kept the advisory lock
+    off the new primary for 10 s, well past ``takeover_grace``, so other
+    processes could take this live holder's keys (tests/test_failover.py).
+    """
+    if "connect_timeout" in conninfo_to_dict(conninfo):
+        return conninfo
+    return make_conninfo(conninfo, connect_timeout=10)
 
 
 class ControlConnection:
@@ -52,7 +73,7 @@ class ControlConnection:
         reconnect_delay: float = 0.05,
         log_extra: Mapping[str, object] | None = None,
     ) -> None:
-        self._conninfo = conninfo
+        self._conninfo = _with_connect_timeout(conninfo)
         self._holder = holder
         self._listeners = dict(listeners)
         self._liveness = liveness
@@ -62,6 +83,7 @@ class ControlConnection:
         self._reconnect_delay = reconnect_delay
         self._stopped = threading.Event()
         self._ready = threading.Event()
+        self._probes: dict[str, threading.Event] = {}
         self.last_error: Exception | None = None
         self._thread = threading.Thread(
             target=self._run, name=f"sessionstore-control-{name}", daemon=True
@@ -71,6 +93,18 @@ class ControlConnection:
     def wait_ready(self, timeout: float) -> bool:
         """Wait until the lock is held and the channels are listened to."""
         return self._ready.wait(timeout)
+
+    def hears(self, channel: str, payload: str, send: Callable[[], None], timeout: float) -> bool:
+        """Does a notification that ``send()`` makes from another session reach us in time?
+
+        ``send`` NOTIFYs ``channel`` (one we listen on) with ``payload``, on
+        another connection. A real session hears it within milliseconds; a
+        connection behind a transaction pool never does. The payload is taken
+        here, never given to the channel's listener, even if it comes late.
+        """
+        heard = self._probes.setdefault(f"{channel}\0{payload}", threading.Event())
+        send()
+        return heard.wait(timeout)
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stopped.set()
@@ -88,8 +122,11 @@ class ControlConnection:
         self._connected_before = True
         while not self._stopped.is_set():
             for notify in conn.notifies(timeout=0.1):
+                probe = self._probes.get(f"{notify.channel}\0{notify.payload}")
                 handler = self._listeners.get(notify.channel)
-                if handler is not None:
+                if probe is not None:
+                    probe.set()
+                elif handler is not None:
                     handler(notify.payload)
 
     def _run(self) -> None:
@@ -100,7 +137,6 @@ class ControlConnection:
                     self._conninfo,
                     autocommit=True,
                     application_name="sessionstore-control",
-                    connect_timeout=10,
                 ) as conn:
                     delay = self._reconnect_delay
                     self._serve(conn)

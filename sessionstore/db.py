@@ -36,10 +36,10 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import namedtuple_row
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import URL, Connection, make_url
-from sqlalchemy.exc import ArgumentError, ProgrammingError
+from sqlalchemy.exc import ArgumentError, DBAPIError, ProgrammingError
 
-from .errors import ArgumentTypeError, InvalidArgumentError
-from .retry import RetryPolicy, with_retries
+from .errors import ArgumentTypeError, InsufficientPrivilegeError, InvalidArgumentError
+from .retry import INSUFFICIENT_PRIVILEGE, RetryPolicy, describe, sqlstate_of, with_retries
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -52,6 +52,7 @@ __all__ = [
     "clear_schema_cache",
     "create_engine",
     "current_revision",
+    "disable_prepared_statements",
     "display_url",
     "driver_connection",
     "driver_cursor",
@@ -78,6 +79,8 @@ _DRIVER = "postgresql+psycopg"
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 # libpq key/value names that map onto URL parts; the rest become query params.
 _KV_URL_PARTS = ("user", "password", "host", "port", "dbname")
+# Query parameters never shown: a password without a user, a client key's passphrase.
+_SECRET_PARAMS = ("password", "sslpassword")
 
 
 def validate_identifier(name: object, option: str = "identifier") -> str:
@@ -264,14 +267,15 @@ def display_url(url: str | URL) -> str:
 
     The query is shown decoded (``options=-c statement_timeout=5000``, not
     SQLAlchemy's ``-c+statement_timeout%3D5000``); a ``password`` in it
-    (a ``key=value`` DSN without a user) is hidden too.
+    (a ``key=value`` DSN without a user) and an ``sslpassword`` (the client
+    key's passphrase) are hidden too.
     """
     from urllib.parse import unquote
 
     url = url if isinstance(url, URL) else make_url(url)
     shown = unquote(url.set(query={}).render_as_string(hide_password=True))
     pairs = [
-        f"{name}={'***' if name == 'password' else value}"
+        f"{name}={'***' if name in _SECRET_PARAMS else value}"
         for name, values in url.query.items()
         for value in ((values,) if isinstance(values, str) else values)
     ]
@@ -330,6 +334,43 @@ def create_engine(
         },
         **({"isolation_level": "AUTOCOMMIT"} if autocommit else {}),
     )
+
+
+_unprepare_lock = threading.Lock()
+
+
+def _prepare_nothing(dbapi_connection: Any, _record: Any) -> None:
+    """Pool ``connect`` listener: psycopg prepares no statement on this connection."""
+    dbapi_connection.prepare_threshold = None
+
+
+def disable_prepared_statements(engine: Engine) -> bool:
+    """Make psycopg prepare no statement on ``engine``'s connections; False if already so.
+
+    psycopg prepares a statement on the server once a connection has run it
+    ``prepare_threshold`` times (5). A pool that keeps no prepared statement
+    across transactions (PgBouncer in transaction mode before 1.21) then
+    answers that it does not exist, or that another client's of the same
+    name does. Every new connection of the pool gets ``prepare_threshold =
+    None`` (a ``connect`` listener; it outlives ``dispose``, so a forked
+    child keeps it) and the pool is disposed: idle connections are closed
+    now, those in use when they come back (their statement caches name
+    statements the server may not have). An Engine a user passed is changed
+    the same way: its connections are the same connections.
+
+    ``cursor.execute(..., prepare=None)`` follows the connection's setting,
+    so the storage layer's statements are covered; ``prepare=False`` never
+    prepares anyway.
+    """
+    with _unprepare_lock:
+        # Not event.contains(): it knows only the pool listened to, and dispose()
+        # (here, or after a fork) replaces the pool, carrying its listeners over.
+        if _prepare_nothing in engine.pool.dispatch.connect:
+            return False
+        sqlalchemy.event.listen(engine.pool, "connect", _prepare_nothing)
+        engine.dispose()
+    _log.debug("prepared statements off for %s", display_url(engine.url))
+    return True
 
 
 # ------------------------------------------------------------------ schema
@@ -474,16 +515,24 @@ def ensure_schema(
     """Bring ``schema`` to the newest shipped alembic revision.
 
     Fast path: a schema already at head costs one query, and nothing at all
-    once this process has seen it at head. Slow path: take a session advisory
-    lock (so that processes starting together migrate one at a time), check
-    again, run ``alembic upgrade head`` on that connection in one transaction,
-    and unlock. A database at a revision this package does not know (a newer
-    deploy migrated it) is left alone.
+    once this process has seen it at head. Slow path, in one transaction: take
+    a transaction advisory lock (so that processes starting together migrate
+    one at a time), check again, run ``alembic upgrade head``, and commit,
+    which unlocks (also through PgBouncer in transaction mode). A database at
+    a revision this package does not know (a newer deploy migrated it) is left
+    alone.
 
     Database errors go through :func:`~sessionstore.retry.with_retries` with
     ``retry`` (default: :class:`RetryPolicy`'s 10 s): a server that does not
     answer raises :class:`StorageUnavailableError` once that runs out, any
     other database error at once; the message hides the password.
+
+    Raises:
+        InsufficientPrivilegeError: the role may not read the schema's
+            revision, or the schema is behind head and the role may not
+            upgrade it (it does not own it): the message gives both revisions
+            and says to run ``sessionstore db upgrade`` as the schema's owner.
+            A role without DDL rights never attempts DDL here.
     """
     validate_schema_name(schema, "schema")
     key = _cache_key(engine, schema)
@@ -517,14 +566,15 @@ def _bring_to_head(engine: Engine, schema: str, head: str, known: frozenset[str]
                 head,
             )
         return
-
-    from alembic import command
+    role = _check_may_upgrade(engine, schema, revision, head)
 
     lock_key = migrate_lock_key(schema)
     with engine.connect() as conn:
-        conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": lock_key})
-        conn.commit()
         try:
+            # A transaction lock, released by the commit. A session lock would,
+            # behind PgBouncer in transaction mode, stay on the server connection
+            # that took it (the unlock runs on another) and block every later upgrade.
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_key})
             revision = _read_revision(conn, schema, savepoint=True)
             if revision != head and (revision is None or revision in known):
                 _log.info(
@@ -534,17 +584,69 @@ def _bring_to_head(engine: Engine, schema: str, head: str, known: frozenset[str]
                     revision,
                     head,
                 )
-                command.upgrade(alembic_config(schema, conn), "head")
+                _upgrade(conn, schema, revision, head, role)
             conn.commit()
         except BaseException:
             conn.rollback()
             raise
-        finally:
-            try:
-                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": lock_key})
-                conn.commit()
-            except Exception:  # the connection is gone: so is its advisory lock
-                conn.invalidate()
+
+
+# Who may migrate: alembic alters the schema's tables, so their owner (a
+# member of the role owning the schema), or for a schema not created yet a
+# role that may create one in the database. Checked before the advisory lock,
+# so a role with DML rights only never attempts DDL.
+_MAY_UPGRADE = text(
+    "SELECT current_user AS role, "
+    "has_database_privilege(current_database(), 'CREATE') AS may_create, "
+    "(SELECT pg_has_role(current_user, nspowner, 'USAGE') FROM pg_namespace "
+    "WHERE nspname = :schema) AS owns"
+)
+
+
+def _behind_head(schema: str, revision: str | None, head: str, role: str, why: str) -> str:
+    """The message for a schema behind head that this role may not upgrade."""
+    at = "is not created" if revision is None else f"is at revision {revision}"
+    return (
+        f"schema {schema!r} {at}, this sessionstore needs revision {head}, and the database "
+        f"role {role!r} may not upgrade it ({why}): run `sessionstore db upgrade --schema "
+        f"{schema}` as the schema's owner, then start the application again"
+    )
+
+
+def _check_may_upgrade(engine: Engine, schema: str, revision: str | None, head: str) -> str:
+    """The current role's name if it may bring ``schema`` to head, else the error saying who may.
+
+    Raises:
+        InsufficientPrivilegeError: it does not own the schema, or may not
+            create it (a role with DML rights only, as an application should be).
+    """
+    with engine.connect() as conn:
+        row = conn.execute(_MAY_UPGRADE, {"schema": schema}).one()
+        conn.rollback()
+    role = str(row.role)
+    if row.owns is None and not row.may_create:
+        why = "it may not create schemas in this database"
+    elif row.owns is False:
+        why = "it does not own the schema"
+    else:
+        return role
+    raise InsufficientPrivilegeError(_behind_head(schema, revision, head, role, why))
+
+
+def _upgrade(conn: Connection, schema: str, revision: str | None, head: str, role: str) -> None:
+    """``alembic upgrade head`` on ``conn``; a denied DDL statement says what to run instead."""
+    from alembic import command
+
+    try:
+        command.upgrade(alembic_config(schema, conn), "head")
+    except DBAPIError as exc:
+        if sqlstate_of(exc) != INSUFFICIENT_PRIVILEGE:
+            raise
+        # The owner may still lack a right (CREATE on the database, say): name
+        # it and the command, not which statement of which revision failed.
+        raise InsufficientPrivilegeError(
+            _behind_head(schema, revision, head, role, describe(exc))
+        ) from exc
 
 
 def driver_connection(conn: Connection) -> psycopg.Connection[Any]:

@@ -21,6 +21,7 @@ __all__ = [
     "ArgumentTypeError",
     "BatchError",
     "CorruptDataError",
+    "InsufficientPrivilegeError",
     "InvalidArgumentError",
     "InvalidDataError",
     "InvalidKeyError",
@@ -126,6 +127,25 @@ class CorruptDataError(SessionStoreError):
 
 class StorageUnavailableError(SessionStoreError):
     """The database stayed unreachable through every retry."""
+
+
+class InsufficientPrivilegeError(StorageUnavailableError, PermissionError):
+    """The database role lacks a privilege the call needs (SQLSTATE 42501).
+
+    Its message names the role, the privilege and the object (``DELETE on
+    table sessionstore.versions``), or, for a schema behind the newest
+    revision that the role may not upgrade, both revisions and the command
+    to run as the schema's owner. Never retried: a grant does not appear by
+    waiting. A :class:`StorageUnavailableError` too (the database refused
+    the statement), so handlers of that keep working, and a
+    ``PermissionError``. ``missing`` lists what the check at ``Store()``
+    start found missing (``"DELETE on table sessionstore.versions"`` ...),
+    empty when only the server's message is known.
+    """
+
+    def __init__(self, message: str, missing: Iterable[str] = ()) -> None:
+        super().__init__(message)
+        self.missing = tuple(missing)
 
 
 class MessageQueueFullError(SessionStoreError):

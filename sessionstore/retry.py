@@ -6,8 +6,10 @@ serialisation failure or deadlock) and :func:`with_retries`, the one retry
 loop of the package, which is also where database errors stop: nothing
 raw from SQLAlchemy or psycopg leaves it. A transient error is retried
 until the policy's timeout and then raised as
-:class:`StorageUnavailableError`; any other database error is raised as
-:class:`StorageUnavailableError` at once. The original is always chained.
+:class:`StorageUnavailableError`; a missing privilege (SQLSTATE 42501) is
+raised as :class:`InsufficientPrivilegeError` at once, and any other
+database error as :class:`StorageUnavailableError` at once. The original is
+always chained.
 Errors that are not database errors (sessionstore's own, a user callback's)
 pass through unchanged.
 """
@@ -25,13 +27,15 @@ from typing import TypeVar
 import psycopg
 import sqlalchemy.exc
 
-from .errors import StorageUnavailableError
+from .errors import InsufficientPrivilegeError, StorageUnavailableError
 
 __all__ = [
+    "INSUFFICIENT_PRIVILEGE",
     "AttemptWithBackoff",
     "RetryPolicy",
     "describe",
     "is_database_error",
+    "is_prepared_statement_error",
     "is_transient",
     "sqlstate_of",
     "with_retries",
@@ -52,6 +56,21 @@ logger = logging.getLogger("sessionstore")
 _TRANSIENT_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "57P05", "53300", "40001", "40P01"})
 _TRANSIENT_CLASSES = ("08",)
 
+INSUFFICIENT_PRIVILEGE = "42501"
+"""SQLSTATE of a statement the role may not run: raised as InsufficientPrivilegeError."""
+
+# A statement psycopg prepared on the server is already there (42P05,
+# duplicate_prepared_statement) or gone (26000, invalid_sql_statement_name):
+# a pooler (PgBouncer in transaction mode) moved the client to another server
+# connection between two transactions. We never name statements ourselves.
+_PREPARED_STATEMENT_SQLSTATES = frozenset({"42P05", "26000"})
+_UNPREPARED = (
+    "%s: the server lost a prepared statement (%s): a pool that keeps no prepared "
+    "statements (PgBouncer in transaction mode) is in between; server-side prepared "
+    "statements are now off for this store's connections and the statement is retried. "
+    "Pass prepared_statements=False to start that way (docs/scaling.md#pgbouncer)"
+)
+
 
 def sqlstate_of(exc: BaseException) -> str | None:
     """The SQLSTATE of a database error (SQLAlchemy-wrapped or not), or None."""
@@ -64,6 +83,16 @@ def sqlstate_of(exc: BaseException) -> str | None:
 def is_database_error(exc: BaseException) -> bool:
     """Did SQLAlchemy or psycopg raise this (as opposed to our code or a user's)?"""
     return isinstance(exc, sqlalchemy.exc.SQLAlchemyError | psycopg.Error)
+
+
+def is_prepared_statement_error(exc: BaseException) -> bool:
+    """Did the server lose, or already have, a statement psycopg prepared on it?
+
+    Behind a pool that keeps no prepared statements across transactions
+    (PgBouncer in transaction mode before 1.21). The statement did not run:
+    it failed while being prepared or bound.
+    """
+    return sqlstate_of(exc) in _PREPARED_STATEMENT_SQLSTATES
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -165,14 +194,23 @@ def with_retries(
     *,
     extra: Mapping[str, object] | None = None,
     secrets: Iterable[str] = (),
+    unprepare: Callable[[], bool] | None = None,
 ) -> T:
     """Run ``operation``, retrying transient errors until ``policy.timeout``.
 
     Raises :class:`StorageUnavailableError`, the original chained and its
     message saying ``what`` failed and the SQLSTATE: once out of time for a
     transient error, at once for any other database error (SQLAlchemy's or
-    psycopg's). Other exceptions propagate unchanged. ``secrets`` (e.g. the
+    psycopg's), as its subclass :class:`InsufficientPrivilegeError` for a
+    missing privilege. Other exceptions propagate unchanged. ``secrets`` (e.g. the
     DSN's password) are masked in the message and the retry log lines.
+
+    ``unprepare``, if given, is called when the server lost or already had a
+    prepared statement (:func:`is_prepared_statement_error`): it turns
+    server-side prepared statements off for the connections ``operation``
+    uses and returns True if they were on (then one WARNING is logged and
+    the operation retried at once); such an error is then retried like a
+    transient one, never raised.
     """
     attempt = AttemptWithBackoff(policy)
     while True:
@@ -181,7 +219,19 @@ def with_retries(
         except Exception as exc:
             if not is_database_error(exc):
                 raise
-            if not is_transient(exc):
+            if sqlstate_of(exc) == INSUFFICIENT_PRIVILEGE:
+                # The one place a denial becomes typed; never retried (a grant
+                # does not appear by waiting), whoever the caller is.
+                raise InsufficientPrivilegeError(
+                    f"{what}: insufficient privilege: {describe(exc, secrets)}"
+                ) from exc
+            unprepared = False
+            if unprepare is not None and is_prepared_statement_error(exc):
+                if unprepare():  # the first one: preparing is off from now on
+                    logger.warning(_UNPREPARED, what, describe(exc, secrets), extra=extra)
+                    continue  # at once: the failed statement did not run
+                unprepared = True  # in flight on another thread meanwhile: retry it too
+            if not (unprepared or is_transient(exc)):
                 raise StorageUnavailableError(
                     f"{what}: database error: {describe(exc, secrets)}"
                 ) from exc
@@ -190,9 +240,10 @@ def with_retries(
                     f"{what}: database unavailable after {attempt.attempts} attempts "
                     f"({policy.timeout:g} s): {describe(exc, secrets)}"
                 ) from exc
-            logger.warning(
-                "%s: transient database error, retrying: %s",
-                what,
-                describe(exc, secrets),
-                extra=extra,
-            )
+            if not unprepared:
+                logger.warning(
+                    "%s: transient database error, retrying: %s",
+                    what,
+                    describe(exc, secrets),
+                    extra=extra,
+                )

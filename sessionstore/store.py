@@ -109,6 +109,7 @@ class Store(BatchMethods[T], Generic[T]):
         janitor_interval: float = _DEFAULT.janitor_interval,
         peek_cache_size: int = _DEFAULT.peek_cache_size,
         control_dsn: str | sa.URL | None = _DEFAULT.control_dsn,
+        prepared_statements: bool = _DEFAULT.prepared_statements,
         instant_takeover: bool = _DEFAULT.instant_takeover,
         takeover_grace: float = _DEFAULT.takeover_grace,
         view_cache_size: int = _DEFAULT.view_cache_size,
@@ -122,6 +123,8 @@ class Store(BatchMethods[T], Generic[T]):
         self._closed = False
         self._owns_engine = not isinstance(dsn, sa.Engine)
         engine = db.create_engine(config.dsn, pool_size=config.pool_size, autocommit=True)
+        if not config.prepared_statements:
+            db.disable_prepared_statements(engine)  # before any connection is made
         try:
             db.ensure_schema(engine, config.db_schema, retry=RetryPolicy(config.retry_timeout))
             # Every write is a single autocommit statement, except the streamed

@@ -2,7 +2,7 @@
 
 :class:`Child` starts a Python process that builds a Store from the options
 it is given and answers one JSON line per command on its stdin (load, set,
-add, save, unload, get, applied, send, handled, lost, close), so a test
+add, tx, save, unload, get, applied, send, handled, lost, close), so a test
 decides exactly when it loads, changes, saves, and when it is killed or
 frozen. The ``spawn`` fixture (conftest) makes them and stops them after the test.
 """
@@ -40,7 +40,7 @@ if options.pop("gift_handler", False):
 store = ss.Store(
     name=config["name"],
     template={"coins": 0},
-    dsn=os.environ["SESSIONSTORE_TEST_DSN_RESOLVED"],
+    dsn=options.pop("dsn", os.environ["SESSIONSTORE_TEST_DSN_RESOLVED"]),  # before **options
     db_schema=config["schema"],
     on_lock_lost=lost.append,
     **options,
@@ -62,6 +62,15 @@ def add_coins(value):
 def set_coins(value):
     def fn(data):
         data["coins"] = value
+        return True
+    return fn
+
+
+def move_coins(value):
+    def fn(data):
+        first, second = sorted(data)
+        data[first]["coins"] -= value
+        data[second]["coins"] += value
         return True
     return fn
 
@@ -91,6 +100,10 @@ while True:
                 durable=command.get("durable", False),
                 idempotency_key=command.get("rid"),
             )
+        elif op == "tx":
+            result = store.tx(
+                command["keys"], move_coins(command["coins"]), idempotency_key=command.get("rid")
+            )
         elif op == "applied":
             result = store.applied(key, command["rid"])
         elif op == "send":
@@ -108,6 +121,8 @@ while True:
         reply({"ok": True, "result": result})
     except Exception as exc:
         reply({"ok": False, "error": type(exc).__name__, "message": str(exc)})
+        if op == "close":
+            break  # closed all the same (StoreCloseError: keys it could not save)
 """
 
 

@@ -250,7 +250,7 @@ def terminate_connections(dsn: str, app: str, holder: str | None) -> int:
         if holder:
             pids += [row[0] for row in conn.execute(HOLDER_LOCK_SQL, (holder,))]
         for pid in pids:
-            conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            conn.execute("SELECT pg_terminate_backend(CAST(%s AS integer))", (pid,))
     return len(pids)
 
 

@@ -261,8 +261,7 @@ def expire_lease(sql: sa.Engine, schema: str, store: str) -> None:
     assert (
         run_sql(
             sql,
-            f'UPDATE "{schema}".locks SET expires_at = clock_timestamp() '
-            "WHERE store = :s AND key = :k",
+            f'UPDATE "{schema}".locks SET expires_at = now() WHERE store = :s AND key = :k',
             s=store,
             k=KEY,
         )
@@ -316,7 +315,9 @@ def test_streamed_save_survives_a_dropped_connection(
         thread, outcome = in_thread(lambda: store.save(KEY))
         first = wait_for_pid(waiting_writer)
         with sql.connect() as conn:
-            assert conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": first}).scalar()
+            assert conn.execute(
+                sa.text("SELECT pg_terminate_backend(CAST(:p AS integer))"), {"p": first}
+            ).scalar()
         # The retry waits for the same lock on a new connection.
         wait_for_pid(lambda: (pid := waiting_writer()) != first and pid)
     thread.join(10)

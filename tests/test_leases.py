@@ -269,13 +269,14 @@ def test_heartbeat_detects_a_lease_taken_away(make_store: MakeStore, sql: Sql, h
     elif how == "delete":
         changed = sql.execute("DELETE FROM {s}.locks WHERE store = :store AND key = 'k1'")
     elif how == "retoken":  # same holder id, newer token: detection must be by (key, token)
+        token = sql.scalar("SELECT nextval('{s}.lease_tokens')")
         changed = sql.execute(
-            "UPDATE {s}.locks SET token = nextval('{s}.lease_tokens') "
-            "WHERE store = :store AND key = 'k1'"
+            "UPDATE {s}.locks SET token = :token WHERE store = :store AND key = 'k1'",
+            token=token,
         )
     else:
         changed = sql.execute(
-            "UPDATE {s}.locks SET expires_at = clock_timestamp() - interval '1 s' "
+            "UPDATE {s}.locks SET expires_at = now() - interval '1 s' "
             "WHERE store = :store AND key = 'k1'"
         )
     assert changed == 1
@@ -320,7 +321,7 @@ def test_fencing_tokens_strictly_increase_across_reloads_and_takeovers(
     assert a.update("k", set_coins(100))
     a.save("k")
     sql.execute(
-        "UPDATE {s}.locks SET expires_at = clock_timestamp() - interval '1 s' "
+        "UPDATE {s}.locks SET expires_at = now() - interval '1 s' "
         "WHERE store = :store AND key = 'k'"
     )
     b.load("k")

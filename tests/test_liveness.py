@@ -60,7 +60,7 @@ def test_a_flapping_control_connection_keeps_its_keys(
         while time.monotonic() < deadline and thread.is_alive():
             row = admin.execute(HOLDER_LOCK_PID, (holder.holder,)).fetchone()
             if row is not None:
-                admin.execute("SELECT pg_terminate_backend(%s)", (row[0],))
+                admin.execute("SELECT pg_terminate_backend(CAST(%s AS integer))", (row[0],))
                 cuts += 1
             time.sleep(0.3)
     thread.join(10)

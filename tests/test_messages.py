@@ -266,7 +266,7 @@ def test_messages_announced_while_the_control_connection_was_down_are_found_on_r
         holder=holder.holder,
     )
     assert control, "the holder's control connection holds its advisory lock"
-    assert sql.scalar("SELECT pg_terminate_backend(:pid)", pid=control)
+    assert sql.scalar("SELECT pg_terminate_backend(CAST(:pid AS integer))", pid=control)
     wait_until(lambda: holder.get("p").get("gifts") == ["lost"], 5.0, "delivery on reconnect")
 
 

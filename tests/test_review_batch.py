@@ -52,7 +52,7 @@ def test_load_many_leases_not_renewed_while_waiting_for_another_key(make_store, 
     sql.steal("b")
     # The thief's lease on "b" ends in 3.5 s: load_many waits that long for it.
     sql.execute(
-        "UPDATE {s}.locks SET expires_at = clock_timestamp() + interval '3.5 seconds' "
+        "UPDATE {s}.locks SET expires_at = now() + interval '3.5 seconds' "
         "WHERE store = :store AND key = 'b'"
     )
     t_many, out_many = in_thread(lambda: store.load_many(["a", "b"]), daemon=True)

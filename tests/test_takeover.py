@@ -136,7 +136,7 @@ def test_control_connection_blip_is_ridden_out_within_the_grace(
     loader = make_store(lock_duration=90.0, lock_timeout=3.0, takeover_grace=1.0)
     thread, outcome = in_thread(lambda: loader.load("k"))
     time.sleep(0.2)  # the loader is polling the lease now
-    assert sql("SELECT pg_terminate_backend(%s)", old_pid) == [(True,)]
+    assert sql("SELECT pg_terminate_backend(CAST(%s AS integer))", old_pid) == [(True,)]
     cut = time.monotonic()
     new_pid = wait_until(
         lambda: (p := control_pid(sql, holder)) is not None and p != old_pid and p,
@@ -172,7 +172,7 @@ def test_wrong_takeover_guess_is_kept_safe_by_fencing(
     # Frozen and cut off: alive, but its proof of life is gone and cannot come back.
     child.signal(signal.SIGSTOP)
     try:
-        sql("SELECT pg_terminate_backend(%s)", pid)
+        sql("SELECT pg_terminate_backend(CAST(%s AS integer))", pid)
         taker = make_store(lock_duration=90.0, lock_timeout=10.0, takeover_grace=0.5)
         started = time.monotonic()
         taker.load("k")
@@ -319,7 +319,7 @@ def test_terminated_connections_are_retried_and_heartbeat_survives(
         control = control_pid(sql, store.holder)
         pids += [control] if control else []
         for pid in pids:
-            sql("SELECT pg_terminate_backend(%s)", pid)
+            sql("SELECT pg_terminate_backend(CAST(%s AS integer))", pid)
         return len(pids)
 
     try:

@@ -315,56 +315,90 @@ END $$;
 
 
 def _writing_many(s: str) -> str:
-    # Many keys: the items come sorted by key; each key's shards, ids and
-    # messages are a slice of one array, ending at its *_ends entry. Every
-    # lease row is locked first, one key at a time in key order (so writers
-    # over overlapping keys never deadlock), then the versions are written:
-    # with p_atomic, all or (if one lease is gone) none.
+    # Many keys, set-based (on Citus each statement runs on every shard in
+    # parallel). The lease rows are locked by a no-op UPDATE that returns
+    # the ones still ours (Citus refuses FOR UPDATE across shards); on plain
+    # PostgreSQL its index scan takes them in key order, so writers over
+    # overlapping keys cannot deadlock. With p_atomic, all are written or
+    # (if one lease is gone) none. Each key's shards, ids and messages are
+    # parallel arrays naming their key; message ids are unique across keys.
     return f"""
 CREATE FUNCTION {s}.write_versions(
     p_store text, p_holder uuid, p_atomic boolean, p_keys text[], p_tokens bigint[],
     p_versions bigint[], p_codecs smallint[], p_raw_sizes bigint[], p_stored_sizes bigint[],
     p_checksums bigint[], p_shard_counts integer[], p_inlines bytea[], p_migrations jsonb[],
-    p_new_records boolean[], p_shards bytea[], p_shard_ends integer[], p_requests text[],
-    p_request_ends integer[], p_messages bigint[], p_message_ends integer[],
-    p_prune boolean[], p_retention integer)
-RETURNS TABLE (key text, version bigint, leased boolean, written boolean)
+    p_new_records boolean[], p_shard_keys text[], p_shard_idx integer[], p_shards bytea[],
+    p_request_keys text[], p_request_idx integer[], p_requests text[], p_message_keys text[],
+    p_messages bigint[], p_prune_keys text[], p_retention integer)
+RETURNS TABLE (key text, leased boolean, written boolean)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     v_now timestamptz := clock_timestamp();
-    v_n integer := cardinality(p_keys);
-    v_leased boolean[] := array_fill(false, ARRAY[v_n]);
-    v_all boolean := true;
-    v_written boolean;
+    v_leased text[];
+    v_written text[] := '{{}}';
+    v_cut_version bigint;
+    v_cut_idx integer;
+    k text;
 BEGIN
     SET LOCAL citus.enable_deadlock_prevention = off;
-    FOR i IN 1 .. v_n LOOP
-        PERFORM 1 FROM {s}.locks l
-        WHERE l.store = p_store AND l.key = p_keys[i] AND l.holder = p_holder
-          AND l.token = p_tokens[i] AND l.expires_at > v_now
-        FOR UPDATE;
-        v_leased[i] := FOUND;
-        v_all := v_all AND FOUND;
-    END LOOP;
-    FOR i IN 1 .. v_n LOOP
-        v_written := false;
-        IF v_leased[i] AND (v_all OR NOT p_atomic) THEN
-            v_written := {s}.write_leased(
-                p_store, p_holder, p_keys[i], p_tokens[i], p_versions[i], p_codecs[i],
-                p_raw_sizes[i], p_stored_sizes[i], p_checksums[i], p_shard_counts[i],
-                p_inlines[i], p_migrations[i], p_new_records[i],
-                p_shards[coalesce(p_shard_ends[i - 1], 0) + 1 : p_shard_ends[i]],
-                p_requests[coalesce(p_request_ends[i - 1], 0) + 1 : p_request_ends[i]],
-                p_messages[coalesce(p_message_ends[i - 1], 0) + 1 : p_message_ends[i]],
-                p_prune[i], p_retention);
+    WITH mine AS (
+        UPDATE {s}.locks l SET expires_at = l.expires_at
+        WHERE l.store = p_store AND l.holder = p_holder AND l.key = ANY(p_keys)
+          AND l.token = ANY(p_tokens) AND l.expires_at > v_now
+        RETURNING l.key
+    ) SELECT coalesce(array_agg(mine.key), '{{}}') INTO v_leased FROM mine;
+    IF NOT p_atomic OR cardinality(v_leased) = cardinality(p_keys) THEN
+        INSERT INTO {s}.records (store, key)
+        SELECT p_store, i.key FROM unnest(p_keys, p_new_records) AS i(key, new)
+        WHERE i.new AND i.key = ANY(v_leased)
+        ON CONFLICT DO NOTHING;
+        WITH ver AS (
+            INSERT INTO {s}.versions (store, key, version, holder, token, codec, raw_size,
+                                      stored_size, checksum, shard_count, inline, migrations)
+            SELECT p_store, i.key, i.version, p_holder, i.token, i.codec, i.raw_size,
+                   i.stored_size, i.checksum, i.shard_count, i.inline, i.migrations
+            FROM unnest(p_keys, p_tokens, p_versions, p_codecs, p_raw_sizes, p_stored_sizes,
+                        p_checksums, p_shard_counts, p_inlines, p_migrations)
+                 AS i(key, token, version, codec, raw_size, stored_size, checksum,
+                      shard_count, inline, migrations)
+            WHERE i.key = ANY(v_leased)
+            ON CONFLICT DO NOTHING
+            RETURNING key
+        ) SELECT coalesce(array_agg(ver.key), '{{}}') INTO v_written FROM ver;
+        IF cardinality(p_shards) > 0 THEN
+            INSERT INTO {s}.shards (store, key, version, idx, data)
+            SELECT p_store, i.key, i.version, sh.idx, sh.data
+            FROM unnest(p_shard_keys, p_shard_idx, p_shards) AS sh(key, idx, data)
+            JOIN unnest(p_keys, p_versions) AS i(key, version) ON i.key = sh.key
+            WHERE sh.key = ANY(v_written);
         END IF;
-        key := p_keys[i];
-        version := p_versions[i];
-        leased := v_leased[i];
-        written := v_written;
-        RETURN NEXT;
-    END LOOP;
+        FOREACH k IN ARRAY coalesce(p_prune_keys, '{{}}') LOOP
+            CONTINUE WHEN NOT k = ANY(v_written);
+            SELECT q.version, q.idx INTO v_cut_version, v_cut_idx FROM {s}.applied_requests q
+            WHERE q.store = p_store AND q.key = k
+            ORDER BY q.version DESC, q.idx DESC OFFSET p_retention LIMIT 1;
+            CONTINUE WHEN v_cut_version IS NULL;
+            DELETE FROM {s}.applied_requests r
+            WHERE r.store = p_store AND r.key = k
+              AND (r.version, r.idx) <= (v_cut_version, v_cut_idx);
+        END LOOP;
+        IF cardinality(p_requests) > 0 THEN
+            INSERT INTO {s}.applied_requests (store, key, request_id, version, idx)
+            SELECT p_store, q.key, q.id, i.version, q.idx
+            FROM unnest(p_request_keys, p_request_idx, p_requests) AS q(key, idx, id)
+            JOIN unnest(p_keys, p_versions) AS i(key, version) ON i.key = q.key
+            WHERE q.key = ANY(v_written)
+            ON CONFLICT DO NOTHING;
+        END IF;
+        IF cardinality(p_messages) > 0 THEN
+            DELETE FROM {s}.messages m
+            WHERE m.store = p_store AND m.key = ANY(p_message_keys) AND m.id = ANY(p_messages)
+              AND m.key = ANY(v_written);
+        END IF;
+    END IF;
+    RETURN QUERY SELECT i.key, i.key = ANY(v_leased), i.key = ANY(v_written)
+                 FROM unnest(p_keys) AS i(key);
 END $$;
 """
 
@@ -472,45 +506,6 @@ END $$;
 """
 
 
-def _reading_many(s: str) -> str:
-    # The newest version of each key (a batch, an export) and, with
-    # p_bookkeeping, its newest applied ids and whether messages wait: one
-    # single-shard query per key (Citus cannot join a list of keys to a
-    # distributed table's LATERAL subquery).
-    return f"""
-CREATE FUNCTION {s}.read_many(
-    p_store text, p_keys text[], p_retention integer, p_bookkeeping boolean)
-RETURNS TABLE (wanted text, version bigint, created_at timestamptz, codec smallint,
-               raw_size bigint, stored_size bigint, checksum bigint, shard_count integer,
-               migrations jsonb, token bigint, inline bytea, shards bytea[],
-               requests text[], has_messages boolean)
-LANGUAGE plpgsql STABLE AS $$
-#variable_conflict use_column
-DECLARE
-    k text;
-BEGIN
-    FOREACH k IN ARRAY p_keys LOOP
-        RETURN QUERY
-        SELECT k, v.version, v.created_at, v.codec, v.raw_size, v.stored_size, v.checksum,
-               v.shard_count, v.migrations, v.token, v.inline,
-               CASE WHEN v.shard_count > 0 THEN ARRAY(
-                   SELECT s.data FROM {s}.shards s
-                   WHERE s.store = p_store AND s.key = k AND s.version = v.version
-                   ORDER BY s.idx) END,
-               CASE WHEN p_bookkeeping THEN ARRAY(
-                   SELECT r.request_id FROM {s}.applied_requests r
-                   WHERE r.store = p_store AND r.key = k
-                   ORDER BY r.version DESC, r.idx DESC LIMIT p_retention) END,
-               p_bookkeeping AND EXISTS (
-                   SELECT 1 FROM {s}.messages m WHERE m.store = p_store AND m.key = k)
-        FROM (SELECT 1) AS one LEFT JOIN LATERAL (
-            SELECT * FROM {s}.versions x WHERE x.store = p_store AND x.key = k
-            ORDER BY x.version DESC LIMIT 1) AS v ON true;
-    END LOOP;
-END $$;
-"""
-
-
 def _operating(s: str) -> str:
     # sessionstore unlock: take a key's lease from whoever holds it (a new
     # token, expired at once, under the operator's holder id), log it, and
@@ -570,13 +565,12 @@ FUNCTIONS = (
     (
         "write_versions",
         "text, uuid, boolean, text[], bigint[], bigint[], smallint[], bigint[], bigint[], "
-        "bigint[], integer[], bytea[], jsonb[], boolean[], bytea[], integer[], text[], "
-        "integer[], bigint[], integer[], boolean[], integer",
+        "bigint[], integer[], bytea[], jsonb[], boolean[], text[], integer[], bytea[], text[], "
+        "integer[], text[], text[], bigint[], text[], integer",
     ),
     ("erase_key", "text, text, uuid, bigint, text"),
     ("prune_batch", "text, text, text, integer, integer, float8"),
     ("message_send", "text, text, jsonb, uuid, integer"),
-    ("read_many", "text, text[], integer, boolean"),
     ("unlock_key", "text, text, text, text, uuid, text, integer, text, text"),
 )
 """Every function of this revision with its argument types (for DROP and for the docs' GRANTs)."""
@@ -627,7 +621,6 @@ def upgrade() -> None:
         _erasing,
         _maintaining,
         _messaging,
-        _reading_many,
         _operating,
     ):
         op.execute(part(s))

@@ -21,6 +21,7 @@ from . import (
     memory,
     messages,
     offline,
+    pgbouncer,
     save,
     takeover,
     tx,
@@ -48,4 +49,5 @@ SCENARIOS: dict[str, Callable[[Bench], list[Row]]] = {
     "offline": offline.run,
     "keys": keys.run,
     "export": export.run,
+    "pgbouncer": pgbouncer.run,
 }

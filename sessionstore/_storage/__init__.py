@@ -5,7 +5,8 @@ bound to engine, schema, store and holder, with retries), :mod:`.leases`
 (the ``locks`` table), :mod:`.files` (``versions``, ``shards``, ``records``
 and the fenced write, which also records applied request ids and deletes
 delivered messages), :mod:`.messages` (the ``messages`` table),
-:mod:`.requests` (reading applied request ids), :mod:`.sql` (the shared fragments: the lease check,
+:mod:`.requests` (reading applied request ids), :mod:`.privileges` (the rights a
+Store's role needs and the check of them), :mod:`.sql` (the shared fragments: the lease check,
 liveness, channels), :mod:`.codec` (the stored file format, pure) and
 :mod:`.types` (the values crossing this boundary). See docs/architecture.md.
 """

@@ -138,10 +138,28 @@ class _Statements:
             "ORDER BY v.version DESC LIMIT 1) AS v ON true"
         )
         # The newest version of many keys (a batch of offline edits, an
-        # export), and with each key's bookkeeping for load_many.
-        self.read_many = (
-            f"SELECT * FROM {s}.read_many(%(store)b, CAST(%(keys)b AS text[]), "
-            "CAST(%(retention)b AS integer), CAST(%(bookkeeping)b AS boolean))"
+        # export), and with each key's newest applied ids for load_many.
+        # Through records (one row per saved key), joined on the key: Citus
+        # runs it on every shard in parallel (it cannot join a list of keys
+        # to a LATERAL subquery); keys never saved have no row.
+        many = (
+            f"FROM {s}.records rec JOIN LATERAL ("
+            f"SELECT * FROM {s}.versions x WHERE x.store = rec.store AND x.key = rec.key "
+            "ORDER BY x.version DESC LIMIT 1) AS v ON true "
+            "WHERE rec.store = %(store)b AND rec.key = ANY(CAST(%(keys)b AS text[]))"
+        )
+        shards_of = (
+            f"CASE WHEN v.shard_count > 0 THEN ARRAY(SELECT s.data FROM {s}.shards s "
+            "WHERE s.store = rec.store AND s.key = rec.key AND s.version = v.version "
+            "ORDER BY s.idx) END AS shards"
+        )
+        self.read_many = f"SELECT rec.key AS wanted, {columns}, v.inline, {shards_of} {many}"
+        self.read_many_for_load = (
+            f"SELECT rec.key AS wanted, {columns}, v.inline, {shards_of}, "
+            f"ARRAY(SELECT r.request_id FROM {s}.applied_requests r "
+            "WHERE r.store = rec.store AND r.key = rec.key "
+            "ORDER BY r.version DESC, r.idx DESC LIMIT %(retention)b) AS requests "
+            f"{many}"
         )
 
     def _maintenance(self, s: str) -> None:
@@ -211,34 +229,37 @@ def _write_call(schema: str, many: bool) -> str:
             "CAST(%(messages)b AS bigint[]), CAST(%(prune)b AS boolean), "
             "CAST(%(retention)b AS integer), CAST(%(lock)b AS boolean))"
         )
-    arrays = ", ".join(
-        f"CAST(%({name})b AS {kind}[])"
-        for name, kind in (
-            ("keys", "text"),
-            ("tokens", "bigint"),
-            ("versions", "bigint"),
-            ("codecs", "smallint"),
-            ("raw_sizes", "bigint"),
-            ("stored_sizes", "bigint"),
-            ("checksums", "bigint"),
-            ("shard_counts", "integer"),
-            ("inlines", "bytea"),
-            ("migrations", "jsonb"),
-            ("new_records", "boolean"),
-            ("shards", "bytea"),
-            ("shard_ends", "integer"),
-            ("requests", "text"),
-            ("request_ends", "integer"),
-            ("messages", "bigint"),
-            ("message_ends", "integer"),
-            ("prune", "boolean"),
-        )
-    )
+    arrays = ", ".join(f"CAST(%({name})b AS {kind}[])" for name, kind in _MANY_ARRAYS)
     return (
         f"SELECT key, leased, written FROM {s}.write_versions(%(store)b, "
         f"CAST(%(holder)b AS uuid), CAST(%(atomic)b AS boolean), {arrays}, "
         "CAST(%(retention)b AS integer))"
     )
+
+
+_MANY_ARRAYS = (
+    ("keys", "text"),
+    ("tokens", "bigint"),
+    ("versions", "bigint"),
+    ("codecs", "smallint"),
+    ("raw_sizes", "bigint"),
+    ("stored_sizes", "bigint"),
+    ("checksums", "bigint"),
+    ("shard_counts", "integer"),
+    ("inlines", "bytea"),
+    ("migrations", "jsonb"),
+    ("new_records", "boolean"),
+    ("shard_keys", "text"),
+    ("shard_idx", "integer"),
+    ("shards", "bytea"),
+    ("request_keys", "text"),
+    ("request_idx", "integer"),
+    ("requests", "text"),
+    ("message_keys", "text"),
+    ("messages", "bigint"),
+    ("prune_keys", "text"),
+)
+"""The arrays of ``write_versions``, in its argument order, with their element types."""
 
 
 @functools.cache
@@ -270,13 +291,12 @@ def _one_params(item: WriteItem, lock: bool) -> dict[str, Any]:
 
 
 def _many_params(items: Sequence[WriteItem]) -> dict[str, Any]:
-    """The many-key write's arrays: one entry per item, in key order.
+    """The many-key write's arrays: one entry per item, and per shard, id and message.
 
-    Each item's shards, request ids and messages are a slice of one flat
-    array, ending (1-based, inclusive) at the item's ``*_ends`` entry.
+    A shard, an applied id and a delivered message each name their key
+    (``*_keys``) and their place (``*_idx``).
     """
-    ordered = sorted(items, key=lambda item: item.key)
-    singles = [_one_params(item, True) for item in ordered]
+    singles = [_one_params(item, True) for item in items]
     params: dict[str, Any] = {
         plural: [one[single] for one in singles]
         for plural, single in (
@@ -291,17 +311,20 @@ def _many_params(items: Sequence[WriteItem]) -> dict[str, Any]:
             ("inlines", "inline"),
             ("migrations", "migrations"),
             ("new_records", "new_record"),
-            ("prune", "prune"),
         )
     }
-    for name in ("shards", "requests", "messages"):
-        flat: list[Any] = []
-        ends: list[int] = []
-        for one in singles:
-            flat += one[name]
-            ends.append(len(flat))
-        params[name] = flat
-        params[name[:-1] + "_ends"] = ends
+    for name, keys, places in (
+        ("shards", "shard_keys", "shard_idx"),
+        ("requests", "request_keys", "request_idx"),
+    ):
+        parts = [(one["key"], at, part) for one in singles for at, part in enumerate(one[name])]
+        params[keys] = [key for key, _, _ in parts]
+        params[places] = [at for _, at, _ in parts]
+        params[name] = [part for _, _, part in parts]
+    delivered = [(one["key"], message) for one in singles for message in one["messages"]]
+    params["message_keys"] = [key for key, _ in delivered]
+    params["messages"] = [message for _, message in delivered]
+    params["prune_keys"] = [one["key"] for one in singles if one["prune"]]
     return params
 
 
@@ -538,20 +561,18 @@ def read_for_load(
 
 def _read_rows(
     conn: sa.Connection, schema: str, store: str, keys: Sequence[str], retention: int | None
-) -> list[Any]:
-    """Rows of the ``read_many`` function: bookkeeping too unless ``retention`` is None."""
-    params = {
-        "store": store,
-        "keys": list(keys),
-        "retention": retention or 0,
-        "bookkeeping": retention is not None,
-    }
+) -> dict[str, Any]:
+    """Rows of the saved ``keys`` by key; with their applied ids unless ``retention`` is None."""
+    sql = statements(schema)
+    params = {"store": store, "keys": list(keys), "retention": retention or 0}
+    statement = sql.read_many if retention is None else sql.read_many_for_load
     with driver_cursor(conn, binary=True) as cursor:
-        return cursor.execute(statements(schema).read_many, params, prepare=False).fetchall()
+        rows = cursor.execute(statement, params, prepare=False).fetchall()
+    return {row.wanted: row for row in rows}
 
 
 def _stored_of(store: str, row: Any) -> StoredVersion | None:
-    if row.version is None:
+    if row is None:
         return None
     return _stored(row, f"store {store!r} key {row.wanted!r} version {row.version}")
 
@@ -560,18 +581,27 @@ def read_many(
     conn: sa.Connection, schema: str, store: str, keys: Sequence[str]
 ) -> dict[str, StoredVersion | None]:
     """The newest version of each of ``keys`` (None: never saved), in one statement."""
-    return {
-        row.wanted: _stored_of(store, row) for row in _read_rows(conn, schema, store, keys, None)
-    }
+    rows = _read_rows(conn, schema, store, keys, None)
+    return {key: _stored_of(store, rows.get(key)) for key in keys}
 
 
 def read_many_for_load(
-    conn: sa.Connection, schema: str, store: str, keys: Sequence[str], retention: int
+    conn: sa.Connection,
+    schema: str,
+    store: str,
+    keys: Sequence[str],
+    retention: int,
+    waiting: set[str],
 ) -> dict[str, LoadedKey]:
-    """:func:`read_for_load` of many keys, in one statement."""
+    """:func:`read_for_load` of many keys, in one statement; ``waiting``: keys with messages."""
+    rows = _read_rows(conn, schema, store, keys, retention)
     return {
-        row.wanted: LoadedKey(_stored_of(store, row), tuple(row.requests), bool(row.has_messages))
-        for row in _read_rows(conn, schema, store, keys, retention)
+        key: LoadedKey(
+            _stored_of(store, rows.get(key)),
+            tuple(rows[key].requests) if key in rows else (),
+            key in waiting,
+        )
+        for key in keys
     }
 
 

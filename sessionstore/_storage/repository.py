@@ -17,8 +17,10 @@ from typing import TypeVar
 
 import sqlalchemy as sa
 
+from ..db import disable_prepared_statements
+from ..errors import InsufficientPrivilegeError
 from ..retry import RetryPolicy, with_retries
-from . import files, leases, messages, requests
+from . import files, leases, messages, privileges, requests
 from .codec import EncodedFile, FileSettings, encode_file
 from .types import (
     LeaseInfo,
@@ -64,14 +66,32 @@ class Repository:
         self._log_extra = log_extra
 
     def run(self, what: str, operation: Callable[[sa.Connection], T]) -> T:
-        """Run ``operation`` on a pooled autocommit connection, retrying transient errors."""
+        """Run ``operation`` on a pooled autocommit connection, retrying transient errors.
+
+        A prepared statement the server lost (a pooler in between) turns them
+        off for the engine's connections, and the operation is retried.
+        """
 
         def attempt() -> T:
             with self.engine.connect() as conn:
                 return operation(conn)
 
-        return with_retries(
-            self.retry, f"store {self.store!r}: {what}", attempt, extra=self._log_extra
+        try:
+            return with_retries(
+                self.retry,
+                f"store {self.store!r}: {what}",
+                attempt,
+                extra=self._log_extra,
+                unprepare=lambda: disable_prepared_statements(self.engine),
+            )
+        except InsufficientPrivilegeError as exc:
+            # The server names the object, not the privilege: the check names both.
+            raise privileges.explain(self.engine, self.schema, exc) from exc.__cause__
+
+    def check_privileges(self) -> None:
+        """Raise :class:`InsufficientPrivilegeError` listing every privilege the role lacks."""
+        privileges.check_privileges(
+            self.engine, self.schema, retry=self.retry, what=f"store {self.store!r}"
         )
 
     # -- leases -----------------------------------------------------------------
@@ -160,7 +180,12 @@ class Repository:
         return self.run(
             "read",
             lambda c: files.read_many_for_load(
-                c, self.schema, self.store, keys, self.request_retention
+                c,
+                self.schema,
+                self.store,
+                keys,
+                self.request_retention,
+                messages.waiting(c, self.schema, self.store, keys),
             ),
         )
 
