@@ -213,7 +213,7 @@ def test_save_in_flight_when_the_holder_froze_fails_the_fence(
         try:
             holder.send("save", key="k")
             wait_until(
-                lambda: lock_waiter(engine, "%INSERT INTO%versions%"),
+                lambda: lock_waiter(engine, "%write_version%"),
                 10.0,
                 "the holder's save to reach the fence",
             )

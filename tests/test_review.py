@@ -33,7 +33,7 @@ def write_waiting(sql: Sql) -> bool:
     return bool(
         sql.scalar(
             "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-            "AND query LIKE '%versions%' AND pid <> pg_backend_pid()"
+            "AND query LIKE '%write_version%' AND pid <> pg_backend_pid()"
         )
     )
 

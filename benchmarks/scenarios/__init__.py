@@ -8,6 +8,7 @@ from ..context import Bench
 from ..results import Row
 from . import (
     batch,
+    citus,
     close,
     durable,
     export,
@@ -50,4 +51,5 @@ SCENARIOS: dict[str, Callable[[Bench], list[Row]]] = {
     "keys": keys.run,
     "export": export.run,
     "pgbouncer": pgbouncer.run,
+    "citus": citus.run,
 }

@@ -192,9 +192,15 @@ class _Statements:
             "CAST(%(first)b AS integer) + CAST(u.i AS integer) - 1, u.d "
             "FROM unnest(CAST(%(data)b AS bytea[])) WITH ORDINALITY AS u(d, i)"
         )
+        # The lease row stays locked from here to the commit, one round trip
+        # later: should the client freeze in between, the server ends the
+        # transaction (idle_in_transaction_session_timeout, set first) so the
+        # row never blocks a takeover for long.
         self.finish_version = f"""
-WITH lease AS (
-    SELECT 1 FROM {s}.locks l WHERE {fence}
+WITH guard AS (
+    SELECT set_config('idle_in_transaction_session_timeout', %(idle)b, true)
+), lease AS (
+    SELECT 1 FROM {s}.locks l WHERE {fence} AND EXISTS (SELECT 1 FROM guard)
     FOR UPDATE
 )
 UPDATE {s}.versions v
@@ -380,6 +386,10 @@ def write_versions(
     return result
 
 
+_COMMIT_GRACE = "2s"
+"""How long a streamed write's transaction may sit idle once it holds the lease row."""
+
+
 class _Upload:
     """The shard rows of one streamed write, sent as the compressor fills them."""
 
@@ -474,6 +484,7 @@ def write_streamed(
                 stored_size, inline = upload.finish(settings.inline_threshold)
                 finish = {
                     **params,
+                    "idle": _COMMIT_GRACE,
                     "stored_size": stored_size,
                     "checksum": upload.checksum,
                     "shard_count": upload.sent,
