@@ -213,6 +213,12 @@ def parse_dsn(dsn: str | URL) -> URL:
                 "or libpq key=value pairs"
             )
         return _from_keyvalue(dsn)
+    if dsn.startswith(("postgresql://", "postgres://")) and "," in dsn.split("/", 3)[2]:
+        # libpq's multi-host URL (postgresql://u@db1:5432,db2:5432/app, the
+        # failover shape of docs/scaling.md): SQLAlchemy's parser takes the
+        # host list for one host with a bad port; libpq's own parser, behind
+        # the key=value path, reads it as libpq will.
+        return _from_keyvalue(dsn)
     try:
         url: URL | None = make_url(dsn)
     except (ArgumentError, ValueError):  # ValueError: a port that is not a number

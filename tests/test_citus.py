@@ -63,7 +63,8 @@ def _worker_of(sql: Sql, key: str) -> int:
     return int(
         sql.scalar(
             "SELECT nodeport FROM citus_shards WHERE table_name = CAST(:t AS regclass) "
-            "AND shardid = get_shard_id_for_distribution_column(CAST(:t AS regclass), CAST(:key AS text))",
+            "AND shardid = get_shard_id_for_distribution_column("
+            "CAST(:t AS regclass), CAST(:key AS text))",
             t=f"{sql.schema}.locks",
             key=key,
         )

@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Iterator
 
+import psycopg.conninfo
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
@@ -98,6 +99,29 @@ def test_resolve_url_keyvalue() -> None:
     assert (url.host, url.port, url.username, url.password) == ("db", 6000, "u", "s3cret")
     url = make_url(db.resolve_url("host=db dbname=app password=s3cret"))
     assert url.query["password"] == "s3cret"
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "host=db1,db2 port=5432,5433 dbname=app user=u password=s3cret "
+        "target_session_attrs=read-write",
+        "postgresql://u:s3cret@db1:5432,db2:5433/app?target_session_attrs=read-write",
+    ],
+)
+def test_a_multi_host_dsn_reaches_engine_and_control_connection_whole(dsn: str) -> None:
+    """The failover shape (docs/scaling.md): both hosts, in order, and the session attrs."""
+    url = db.resolve_url(dsn)
+    engine = db.create_engine(url)
+    try:
+        _, params = engine.dialect.create_connect_args(engine.url)
+    finally:
+        engine.dispose()
+    control = psycopg.conninfo.conninfo_to_dict(db.libpq_conninfo(url))  # the control connection
+    for given in (params, control):
+        assert (given["host"], given["port"]) == ("db1,db2", "5432,5433"), given
+        assert (given["dbname"], given["user"], given["password"]) == ("app", "u", "s3cret")
+        assert given["target_session_attrs"] == "read-write"
 
 
 def test_resolve_url_env(monkeypatch: pytest.MonkeyPatch) -> None:
