@@ -48,6 +48,7 @@ _WRITE_LEASED_ARGS = (
     "boolean, bytea[], text[], bigint[], boolean, integer"
 )
 _WRITE_VERSION_ARGS = _WRITE_LEASED_ARGS + ", boolean"
+_PRUNE_ARGS = "text, text, integer"
 
 
 def _schema() -> str:
@@ -228,10 +229,28 @@ END $$;
 
 def _writing(s: str) -> str:
     # write_leased: one key's version, shards, applied ids and delivered
-    # messages, for a caller that holds the key's lease row locked. The
-    # retention cutoff is read before this write's ids go in: the newest
+    # messages, for a caller that holds the key's lease row locked.
+    # prune_requests runs before this write's ids go in: the newest
     # p_retention ids as of before the write stay, and the new ones on top.
     return f"""
+CREATE FUNCTION {s}.prune_requests(p_store text, p_key text, p_retention integer)
+RETURNS void
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_cut_version bigint;
+    v_cut_idx integer;
+BEGIN
+    SELECT q.version, q.idx INTO v_cut_version, v_cut_idx FROM {s}.applied_requests q
+    WHERE q.store = p_store AND q.key = p_key
+    ORDER BY q.version DESC, q.idx DESC OFFSET p_retention LIMIT 1;
+    IF v_cut_version IS NOT NULL THEN
+        DELETE FROM {s}.applied_requests r
+        WHERE r.store = p_store AND r.key = p_key
+          AND (r.version, r.idx) <= (v_cut_version, v_cut_idx);
+    END IF;
+END $$;
+
 CREATE FUNCTION {s}.write_leased(
     p_store text, p_holder uuid, p_key text, p_token bigint, p_version bigint,
     p_codec smallint, p_raw_size bigint, p_stored_size bigint, p_checksum bigint,
@@ -240,9 +259,6 @@ CREATE FUNCTION {s}.write_leased(
     p_retention integer) RETURNS boolean
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
-DECLARE
-    v_cut_version bigint;
-    v_cut_idx integer;
 BEGIN
     IF p_new_record THEN
         INSERT INTO {s}.records (store, key) VALUES (p_store, p_key) ON CONFLICT DO NOTHING;
@@ -261,20 +277,13 @@ BEGIN
         FROM unnest(p_shards) WITH ORDINALITY AS u(d, i);
     END IF;
     IF p_prune THEN
-        SELECT q.version, q.idx INTO v_cut_version, v_cut_idx FROM {s}.applied_requests q
-        WHERE q.store = p_store AND q.key = p_key
-        ORDER BY q.version DESC, q.idx DESC OFFSET p_retention LIMIT 1;
+        PERFORM {s}.prune_requests(p_store, p_key, p_retention);
     END IF;
     IF cardinality(p_requests) > 0 THEN
         INSERT INTO {s}.applied_requests (store, key, request_id, version, idx)
         SELECT p_store, p_key, u.id, p_version, u.i - 1
         FROM unnest(p_requests) WITH ORDINALITY AS u(id, i)
         ON CONFLICT DO NOTHING;
-    END IF;
-    IF v_cut_version IS NOT NULL THEN
-        DELETE FROM {s}.applied_requests r
-        WHERE r.store = p_store AND r.key = p_key
-          AND (r.version, r.idx) <= (v_cut_version, v_cut_idx);
     END IF;
     IF cardinality(p_messages) > 0 THEN
         DELETE FROM {s}.messages m
@@ -337,9 +346,6 @@ DECLARE
     v_now timestamptz := clock_timestamp();
     v_leased text[];
     v_written text[] := '{{}}';
-    v_cut_version bigint;
-    v_cut_idx integer;
-    k text;
 BEGIN
     SET LOCAL citus.enable_deadlock_prevention = off;
     WITH mine AS (
@@ -373,16 +379,8 @@ BEGIN
             JOIN unnest(p_keys, p_versions) AS i(key, version) ON i.key = sh.key
             WHERE sh.key = ANY(v_written);
         END IF;
-        FOREACH k IN ARRAY coalesce(p_prune_keys, '{{}}') LOOP
-            CONTINUE WHEN NOT k = ANY(v_written);
-            SELECT q.version, q.idx INTO v_cut_version, v_cut_idx FROM {s}.applied_requests q
-            WHERE q.store = p_store AND q.key = k
-            ORDER BY q.version DESC, q.idx DESC OFFSET p_retention LIMIT 1;
-            CONTINUE WHEN v_cut_version IS NULL;
-            DELETE FROM {s}.applied_requests r
-            WHERE r.store = p_store AND r.key = k
-              AND (r.version, r.idx) <= (v_cut_version, v_cut_idx);
-        END LOOP;
+        PERFORM {s}.prune_requests(p_store, k, p_retention)
+        FROM unnest(p_prune_keys) AS k WHERE k = ANY(v_written);
         IF cardinality(p_requests) > 0 THEN
             INSERT INTO {s}.applied_requests (store, key, request_id, version, idx)
             SELECT p_store, q.key, q.id, i.version, q.idx
@@ -560,6 +558,7 @@ FUNCTIONS = (
     ("lease_release", "text, uuid, text[], bigint[], text"),
     ("lease_release_unclaimed", "text, text, uuid, text"),
     ("lease_hand_over", "text, uuid, text, bigint, uuid, float8, text"),
+    ("prune_requests", _PRUNE_ARGS),
     ("write_leased", _WRITE_LEASED_ARGS),
     ("write_version", _WRITE_VERSION_ARGS),
     (
@@ -595,12 +594,13 @@ def _distribute(s: str) -> None:
             ).bindparams(t=f"{s}.{table}", c=colocate)
         )
     # write_version runs on the worker holding p_key's shard (one round trip),
-    # and calls write_leased there: both exist on every node.
-    op.execute(
-        sa.text("SELECT create_distributed_function(CAST(:f AS regprocedure))").bindparams(
-            f=f"{s}.write_leased({_WRITE_LEASED_ARGS})"
+    # and calls write_leased and prune_requests there: all exist on every node.
+    for helper in (f"prune_requests({_PRUNE_ARGS})", f"write_leased({_WRITE_LEASED_ARGS})"):
+        op.execute(
+            sa.text("SELECT create_distributed_function(CAST(:f AS regprocedure))").bindparams(
+                f=f"{s}.{helper}"
+            )
         )
-    )
     op.execute(
         sa.text(
             "SELECT create_distributed_function(CAST(:f AS regprocedure), 'p_key', "
