@@ -27,7 +27,9 @@ def run(bench: Bench) -> list[Row]:
             def renew() -> None:
                 # What the heartbeat sends: the (key, token) of every session it holds.
                 held = [(entry.key, token) for entry, token in store._core.table.leases()]
-                renewed = leases.renew(conn, bench.schema, store.name, store.holder, 3600.0, held)
+                renewed = leases.renew(
+                    conn, bench.schema, store.name, store.holder, 3600.0, held, wait=5.0
+                )
                 renews[0] += 1
                 if len(renewed) != many:
                     raise AssertionError(f"renewed {len(renewed)} of {many} leases")
