@@ -16,6 +16,11 @@ Owns the test fixtures shared by sessionstore's own suite and by users
 * ``sessionstore_test_schema`` (function scope): the same, for one test.
 * ``sessionstore_factory`` (function scope): ``factory(name=..., template=...,
   **options)`` builds Stores in that test's schema and closes them after it.
+
+The plumbing of its throwaway server is shared with sessionstore's own tests
+that start servers of their own (``tests/pg_server.py``, the chaos and the
+failover tests): ``_Cluster`` (a cluster's files in a temporary directory)
+and ``_run_pg_binary`` (a PostgreSQL binary run as the right user).
 """
 
 from __future__ import annotations
@@ -65,47 +70,115 @@ def _service_user() -> str | None:
     return _SERVICE_USER
 
 
-class _SystemServer:
+def _chown(user: str | None, *paths: Path) -> None:
+    """Give ``paths`` to ``user`` (the server's); nothing to do when None (we run it)."""
+    if user:
+        import pwd
+
+        entry = pwd.getpwnam(user)
+        for path in paths:
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+
+
+def _run_pg_binary(
+    bin_dir: Path,
+    *args: str,
+    cwd: Path,
+    user: str | None,
+    timeout: float = 120.0,
+    server_log: Callable[[], str] | None = None,
+) -> str:
+    """Run ``bin_dir / args[0]`` with ``args[1:]`` as ``user`` (None: as we are); its output.
+
+    stdout and stderr go to a temporary file, not a pipe: a server started by
+    ``pg_ctl`` could inherit a pipe and hold it open. A non-zero exit raises
+    RuntimeError with that output and ``server_log()`` (the server's log, say).
+    """
+    kwargs: dict[str, Any] = {"user": user} if user else {}
+    with tempfile.TemporaryFile("w+") as out:
+        result = subprocess.run(
+            [str(bin_dir / args[0]), *args[1:]],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout,
+            cwd=cwd,
+            check=False,
+            **kwargs,
+        )
+        out.seek(0)
+        output = out.read()
+    if result.returncode != 0:
+        log = server_log() if server_log is not None else ""
+        raise RuntimeError(f"{args[0]} failed ({result.returncode}):\n{output}\n{log}")
+    return output
+
+
+class _Cluster:
+    """A throwaway cluster's files, run with the binaries of ``bin_dir``.
+
+    Under a new temporary directory ``base``: ``data`` (the data directory),
+    ``sock`` (the unix socket directory) and ``log`` (the server log). As
+    root, the server runs as :func:`_service_user` (PostgreSQL refuses to run
+    as root). :meth:`stop` stops a started server and removes ``base``.
+    """
+
+    run_timeout = 120.0
+    """Seconds a binary (``initdb``, ``pg_ctl``) may take."""
+
+    def __init__(self, bin_dir: Path, prefix: str) -> None:
+        self.bin_dir = bin_dir
+        self.user = _service_user()
+        self.base = Path(tempfile.mkdtemp(prefix=prefix))
+        self.data = self.base / "data"
+        self.sock = self.base / "sock"
+        self.log = self.base / "server.log"
+        self.started = False
+
+    def _make_dirs(self) -> None:
+        """Create ``sock``; give it and ``base`` to the server's user."""
+        self.sock.mkdir()
+        if self.user:
+            _chown(self.user, self.base, self.sock)
+            self.base.chmod(0o755)
+
+    def _run(self, *args: str) -> str:
+        return _run_pg_binary(
+            self.bin_dir,
+            *args,
+            cwd=self.base,
+            user=self.user,
+            timeout=self.run_timeout,
+            server_log=self.log_text,
+        )
+
+    def log_text(self, since: int = 0) -> str:
+        """The server's log from byte ``since`` on."""
+        if not self.log.exists():
+            return ""
+        with self.log.open("rb") as log:
+            log.seek(since)
+            return log.read().decode(errors="replace")
+
+    def stop(self) -> None:
+        try:
+            if self.started:
+                self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+        finally:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+
+class _SystemServer(_Cluster):
     """A throwaway server run with the binaries of ``bin_dir``."""
 
     def __init__(self, bin_dir: Path) -> None:
         for exe in ("initdb", "pg_ctl", "postgres"):
             if not (bin_dir / exe).is_file():
                 raise pytest.UsageError(f"${TEST_PG_BIN_ENV}: no {exe} in {bin_dir}")
-        self.bin_dir = bin_dir
-        self.user = _service_user()
-        self.base = Path(tempfile.mkdtemp(prefix="sessionstore-pg-"))
-        self.data = self.base / "data"
-        self.sock = self.base / "sock"
-        self.log = self.base / "server.log"
-        self.started = False
-
-    def _run(self, *args: str, timeout: float = 120) -> None:
-        kwargs: dict[str, Any] = {"user": self.user} if self.user else {}
-        result = subprocess.run(
-            [str(self.bin_dir / args[0]), *args[1:]],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=self.base,
-            check=False,
-            **kwargs,
-        )
-        if result.returncode != 0:
-            log = self.log.read_text() if self.log.exists() else ""
-            raise RuntimeError(
-                f"{args[0]} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}\n{log}"
-            )
+        super().__init__(bin_dir, prefix="sessionstore-pg-")
 
     def start(self) -> str:
-        self.sock.mkdir()
-        if self.user:
-            import pwd
-
-            entry = pwd.getpwnam(self.user)
-            for path in (self.base, self.sock):
-                os.chown(path, entry.pw_uid, entry.pw_gid)
-            self.base.chmod(0o755)
+        self._make_dirs()
         self._run(
             "initdb",
             "-D",
@@ -123,13 +196,6 @@ class _SystemServer:
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "start")
         self.started = True
         return f"postgresql://postgres@/postgres?host={self.sock}"
-
-    def stop(self) -> None:
-        try:
-            if self.started:
-                self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
-        finally:
-            shutil.rmtree(self.base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

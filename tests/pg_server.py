@@ -12,15 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import socket
-import subprocess
-import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
-from sessionstore.testing import TEST_PG_BIN_ENV, _service_user
+from sessionstore.testing import TEST_PG_BIN_ENV, _chown, _Cluster
 
 __all__ = ["PgServer", "find_binaries"]
 
@@ -67,7 +63,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class PgServer:
+class PgServer(_Cluster):
     """A throwaway server: ``start(settings, hba)``, then ``admin_dsn``, ``port``, ``log_text()``.
 
     ``files`` written into its directory before the start (certificates,
@@ -77,56 +73,19 @@ class PgServer:
     """
 
     def __init__(self, bin_dir: Path) -> None:
-        self.bin_dir = bin_dir
-        self.user = _service_user()
-        self.base = Path(tempfile.mkdtemp(prefix="sessionstore-priv-pg-"))
-        self.data = self.base / "data"
-        self.sock = self.base / "sock"
-        self.log = self.base / "server.log"
+        super().__init__(bin_dir, prefix="sessionstore-priv-pg-")
         self.port = free_port()
-        self.started = False
-
-    def _chown(self, path: Path) -> None:
-        if self.user:
-            import pwd
-
-            entry = pwd.getpwnam(self.user)
-            os.chown(path, entry.pw_uid, entry.pw_gid)
-
-    def _run(self, *args: str) -> None:
-        kwargs: dict[str, Any] = {"user": self.user} if self.user else {}
-        # Files, not pipes: a server started by pg_ctl could inherit a pipe and hold it open.
-        with tempfile.TemporaryFile("w+") as out:
-            result = subprocess.run(
-                [str(self.bin_dir / args[0]), *args[1:]],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                text=True,
-                timeout=120,
-                cwd=self.base,
-                check=False,
-                **kwargs,
-            )
-            out.seek(0)
-            output = out.read()
-        if result.returncode != 0:
-            raise RuntimeError(
-                f"{args[0]} failed ({result.returncode}):\n{output}\n{self.log_text()}"
-            )
 
     def write(self, name: str, content: bytes) -> Path:
         """Write ``content`` to ``name`` in the server's directory, for the server's user only."""
         path = self.base / name
         path.write_bytes(content)
         path.chmod(0o600)
-        self._chown(path)
+        _chown(self.user, path)
         return path
 
     def start(self, settings: dict[str, str], hba: list[str]) -> None:
-        self.sock.mkdir()
-        for path in (self.base, self.sock):
-            self._chown(path)
-        self.base.chmod(0o755)
+        self._make_dirs()
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "--no-sync")
         lines = ["local all postgres trust", *hba]
         (self.data / "pg_hba.conf").write_text("\n".join(lines) + "\n")
@@ -148,14 +107,6 @@ class PgServer:
         """The superuser over the unix socket."""
         return f"postgresql://postgres@/postgres?host={self.sock}&port={self.port}"
 
-    def log_text(self, since: int = 0) -> str:
-        """The server's log from byte ``since`` on (see :meth:`log_size`)."""
-        if not self.log.exists():
-            return ""
-        with self.log.open("rb") as log:
-            log.seek(since)
-            return log.read().decode(errors="replace")
-
     def log_size(self) -> int:
         return self.log.stat().st_size if self.log.exists() else 0
 
@@ -167,10 +118,3 @@ class PgServer:
             if needle in text or time.monotonic() > deadline:
                 return text
             time.sleep(0.05)
-
-    def stop(self) -> None:
-        try:
-            if self.started:
-                self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
-        finally:
-            shutil.rmtree(self.base, ignore_errors=True)

@@ -46,7 +46,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections import defaultdict
@@ -61,6 +60,7 @@ from chaos_worker import HOLDER_LOCK_SQL, WORKER, Child, apply_gift, pid_alive, 
 
 import sessionstore as ss
 from sessionstore import db
+from sessionstore.testing import _Cluster
 
 LEASE = {
     "lock_duration": 2.0,
@@ -100,67 +100,20 @@ def streams(seed: int) -> bool:
 # -- a private server the test may restart ---------------------------------------------------
 
 
-class PrivateServer:
+class PrivateServer(_Cluster):
     """A throwaway cluster built with the binaries of a running local server."""
 
+    run_timeout = 60.0
+
     def __init__(self, bin_dir: Path) -> None:
-        self.bin_dir = bin_dir
-        self.base = Path(tempfile.mkdtemp(prefix="sessionstore-chaos-"))
-        self.data = self.base / "data"
-        self.sock = self.base / "sock"
-        self.log = self.base / "server.log"
-        self.user: str | None = None
-        if os.geteuid() == 0:  # postgres refuses to run as root
-            self.user = "embedded_postgres"
-            import pwd
-
-            try:
-                pwd.getpwnam(self.user)
-            except KeyError:
-                subprocess.run(
-                    [
-                        "useradd",
-                        "--system",
-                        "--no-create-home",
-                        "-s",
-                        "/usr/sbin/nologin",
-                        self.user,
-                    ],
-                    check=True,
-                    capture_output=True,
-                )
-            entry = pwd.getpwnam(self.user)
-            self.sock.mkdir()
-            for path in (self.base, self.sock):
-                os.chown(path, entry.pw_uid, entry.pw_gid)
-            self.base.chmod(0o755)
-        else:
-            self.sock.mkdir()
-
-    def _run(self, *args: str) -> None:
-        kwargs: dict[str, Any] = {"user": self.user} if self.user else {}
-        # Files, not pipes: a server started by pg_ctl could inherit a pipe and hold it open.
-        with tempfile.TemporaryFile("w+") as out:
-            result = subprocess.run(
-                [str(self.bin_dir / args[0]), *args[1:]],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                text=True,
-                timeout=60,
-                cwd=self.base,
-                check=False,
-                **kwargs,
-            )
-            out.seek(0)
-            output = out.read()
-        if result.returncode != 0:
-            log = self.log.read_text() if self.log.exists() else ""
-            raise RuntimeError(f"{args} failed: {output}\n{log}")
+        super().__init__(bin_dir, prefix="sessionstore-chaos-")
+        self._make_dirs()
 
     def start(self) -> str:
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "--no-sync")
         options = f"-h '' -k {self.sock} -c fsync=off -c max_connections=200"
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "start")
+        self.started = True
         return f"postgresql://postgres@/postgres?host={self.sock}"
 
     def restart(self) -> None:

@@ -8,9 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import wait_until
 
 from sessionstore.embedded import EMBEDDED_DIR_ENV
+
+# Its own embedded server: the same run on the Citus step would add nothing.
+pytestmark = pytest.mark.plain_postgres
 
 USER = """
 import sys, time

@@ -49,7 +49,11 @@ from sessionstore import db
 from sessionstore._storage.sql import ALIVE_SQL
 from sessionstore.testing import RESOLVED_ENV
 
-pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="needs POSIX signals")
+pytestmark = [
+    pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="needs POSIX signals"),
+    # Its own primary and standby: the same run on the Citus step would add nothing.
+    pytest.mark.plain_postgres,
+]
 
 SCHEMA = "failover"
 RETRY = 8.0

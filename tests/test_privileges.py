@@ -31,6 +31,9 @@ import sessionstore as ss
 from sessionstore import db
 from sessionstore._storage.privileges import grant_sql
 
+# Its own PostgreSQL server: the same run on the Citus step would add nothing.
+pytestmark = pytest.mark.plain_postgres
+
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "scaling.md"
 OWNER_PASSWORD = "owner-pw-Zq81"
 APP_PASSWORD = "app-pw-Xk27"

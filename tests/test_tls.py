@@ -34,6 +34,9 @@ import sessionstore as ss
 from sessionstore import db
 from sessionstore._storage.privileges import grant_sql
 
+# Its own PostgreSQL server: the same run on the Citus step would add nothing.
+pytestmark = pytest.mark.plain_postgres
+
 KEY_PASSPHRASE = "key-pass-Hn40"
 PW_PASSWORD = "pw-user-Rt63"
 
