@@ -124,17 +124,39 @@ def wait_until(
         time.sleep(interval)
 
 
+# Lock waits, where they are visible: on Citus a statement waits on a worker
+# (pg_stat_activity of the coordinator shows no Lock wait), and
+# citus_lock_waits names the client statement that waits, by global pid.
+_WAITS = (
+    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+    "AND wait_event_type = 'Lock' "
+    "AND query LIKE :like AND pid <> pg_backend_pid()"
+)
+_CITUS_WAITS = "SELECT waiting_gpid AS pid FROM citus_lock_waits WHERE blocked_statement LIKE :like"
+
+
+def on_citus(engine: sa.Engine) -> bool:
+    """Is ``engine``'s database a Citus coordinator?"""
+    with engine.connect() as conn:
+        found = conn.execute(
+            sa.text("SELECT count(*) FROM pg_extension WHERE extname = 'citus'")
+        ).scalar()
+    return bool(found)
+
+
+def lock_waiters_like(engine: sa.Engine, query_like: str) -> list[int]:
+    """(Global) pids of the statements ``LIKE query_like`` waiting for a lock."""
+    statement = _CITUS_WAITS if on_citus(engine) else _WAITS
+    with engine.connect() as conn:
+        return [
+            int(pid) for pid in conn.execute(sa.text(statement), {"like": query_like}).scalars()
+        ]
+
+
 def lock_waiter(engine: sa.Engine, query_like: str) -> int:
     """The pid of a backend waiting for a lock in a query ``LIKE query_like``, else 0."""
-    with engine.connect() as conn:
-        pid = conn.execute(
-            sa.text(
-                "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND query LIKE :like LIMIT 1"
-            ),
-            {"like": query_like},
-        ).scalar()
-    return int(pid or 0)
+    found = lock_waiters_like(engine, query_like)
+    return found[0] if found else 0
 
 
 class Sql:
@@ -205,13 +227,8 @@ class Sql:
         return conn
 
     def lock_waiters(self) -> int:
-        """Backends of this database waiting for a lock (row locks included)."""
-        return int(
-            self.scalar(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
-            )
-        )
+        """Statements of this database waiting for a lock (row locks included)."""
+        return len(lock_waiters_like(self.engine, "%"))
 
 
 @pytest.fixture

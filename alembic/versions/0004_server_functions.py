@@ -586,7 +586,15 @@ def _distribute(s: str) -> None:
     # In the migration's one transaction, after this transaction's DDL:
     # sequential mode lets Citus use the connection that saw it.
     op.execute("SET LOCAL citus.multi_shard_modify_mode TO 'sequential'")
+    distributed = {
+        str(name)
+        for (name,) in op.get_bind().execute(
+            sa.text("SELECT CAST(logicalrelid AS text) FROM pg_dist_partition")
+        )
+    }
     for table in TABLES:
+        if f"{_schema()}.{table}" in distributed:
+            continue  # distributed already (a downgrade to 0003 keeps the layout)
         colocate = "none" if table == "locks" else f"{s}.locks"
         op.execute(
             sa.text(
@@ -629,13 +637,9 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # The functions go; on Citus the tables stay distributed (Citus cannot
+    # undistribute a table with an identity column, and 0003 runs as well on
+    # distributed tables: its statements are the callers' business).
     s = f'"{_schema()}"'
-    if _has_citus():
-        for table in reversed(TABLES):
-            op.execute(
-                sa.text("SELECT undistribute_table(CAST(:t AS regclass))").bindparams(
-                    t=f"{s}.{table}"
-                )
-            )
     for name, args in reversed(FUNCTIONS):
         op.execute(f"DROP FUNCTION {s}.{name}({args})")

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 
 import sqlalchemy as sa
 
-from ..db import driver_cursor
+from ..db import driver_connection, driver_cursor
 from .sql import ALIVE_SQL, free_channel, holder_channel
 from .types import LeaseInfo, Renewal
 
@@ -152,17 +152,20 @@ def acquire_many(
     Never waits for a holder: a key held by anyone (this holder included) is
     left out, for the caller to report.
     """
+    sql_many = lease_statements(schema).acquire_many
+    ordered = sorted(keys)
     params = {
         "store": store,
-        "keys": sorted(keys),
+        "keys": ordered,
         "holder": holder,
         "duration": duration,
         "host": HOST,
         "pid": os.getpid(),
         "liveness": liveness,
     }
-    rows = conn.execute(lease_statements(schema).acquire_many, params)
-    return {row.key: int(row.token) for row in rows}
+    taken = {row.key: int(row.token) for row in conn.execute(sql_many, params)}
+    # In key order, as asked (Citus returns each shard's rows in turn).
+    return {key: taken[key] for key in ordered if key in taken}
 
 
 def _pairs(store: str, holder: str, leases: Iterable[tuple[str, int]]) -> dict[str, object]:
@@ -196,7 +199,9 @@ def renew(
         "duration": duration,
         "lock_timeout": f"{max(1, int(wait * 1000))}ms",
     }
-    with driver_cursor(conn) as cursor:
+    # An explicit transaction: Citus passes the function's SET LOCAL
+    # lock_timeout on to the workers only inside a transaction block.
+    with driver_connection(conn).transaction(), driver_cursor(conn) as cursor:
         rows = cursor.execute(lease_statements(schema).renew, params, prepare=False).fetchall()
     return {row.key: row.token for row in rows}
 
