@@ -212,7 +212,12 @@ RETURNING v.version
 """
 
 
-def _write_call(schema: str, many: bool) -> str:
+_FEW = 8
+"""Up to this many keys, a write locks and writes them one statement each."""
+
+
+@functools.cache
+def _write_call(schema: str, many: int) -> str:
     """The fenced write: a call of ``write_version`` (one key) or ``write_versions`` (many).
 
     Both are server functions (alembic revision 0004) that lock each key's
@@ -236,8 +241,11 @@ def _write_call(schema: str, many: bool) -> str:
             "CAST(%(retention)b AS integer), CAST(%(lock)b AS boolean))"
         )
     arrays = ", ".join(f"CAST(%({name})b AS {kind}[])" for name, kind in _MANY_ARRAYS)
+    # A few keys: single-key statements with cached plans (write_few); more:
+    # set-based statements planned for their arrays (write_versions).
+    function = "write_few" if many <= _FEW else "write_versions"
     return (
-        f"SELECT key, leased, written FROM {s}.write_versions(%(store)b, "
+        f"SELECT key, leased, written FROM {s}.{function}(%(store)b, "
         f"CAST(%(holder)b AS uuid), CAST(%(atomic)b AS boolean), {arrays}, "
         "CAST(%(retention)b AS integer))"
     )
@@ -302,7 +310,7 @@ def _many_params(items: Sequence[WriteItem]) -> dict[str, Any]:
     A shard, an applied id and a delivered message each name their key
     (``*_keys``) and their place (``*_idx``).
     """
-    singles = [_one_params(item, True) for item in items]
+    singles = [_one_params(item, True) for item in sorted(items, key=lambda item: item.key)]
     params: dict[str, Any] = {
         plural: [one[single] for one in singles]
         for plural, single in (
@@ -359,7 +367,7 @@ def write_versions(
     attempt itself). ``retention``: applied ids kept per key when an item
     prunes them.
     """
-    many = len(items) > 1
+    many = len(items) if len(items) > 1 else 0
     params: dict[str, Any] = {"store": store, "holder": holder, "retention": retention}
     if many:
         params.update(_many_params(items), atomic=atomic)
@@ -368,9 +376,7 @@ def write_versions(
     result = WriteResult()
     by_key = {item.key: item for item in items}
     with driver_cursor(conn, binary=True) as cursor:
-        answer = cursor.execute(
-            _write_call(schema, many), params, prepare=None if not many else False
-        )
+        answer = cursor.execute(_write_call(schema, min(many, _FEW + 1)), params)
         rows = [
             (row.key if many else items[0].key, row.leased, row.written)
             for row in answer.fetchall()
