@@ -132,7 +132,13 @@ BEGIN
         WHERE l.expires_at <= excluded.acquired_at OR l.holder = excluded.holder
     RETURNING l.key, l.token;
 END $$;
+"""
 
+
+def _looking(s: str) -> str:
+    # A lease row as the loader and the operator see it, with its holder's
+    # liveness (pg_locks of this node: Citus' coordinator).
+    return f"""
 CREATE FUNCTION {s}.lease_info(p_store text, p_key text)
 RETURNS TABLE (holder uuid, token bigint, expires_at timestamptz, active boolean, host text,
                pid integer, liveness boolean, alive boolean)
@@ -299,7 +305,13 @@ BEGIN
     END IF;
     RETURN true;
 END $$;
+"""
 
+
+def _fencing(s: str) -> str:
+    # The single-key fenced write: lock (or, for the first statement of a
+    # streamed write, only check) the lease row, then write_leased.
+    return f"""
 CREATE FUNCTION {s}.write_version(
     p_store text, p_holder uuid, p_key text, p_token bigint, p_version bigint,
     p_codec smallint, p_raw_size bigint, p_stored_size bigint, p_checksum bigint,
@@ -681,9 +693,11 @@ def upgrade() -> None:
     for part in (
         _liveness,
         _taking,
+        _looking,
         _keeping,
         _letting_go,
         _writing,
+        _fencing,
         _writing_few,
         _writing_many,
         _erasing,
