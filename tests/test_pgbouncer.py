@@ -1,4 +1,4 @@
-"""The whole API through a real PgBouncer in transaction pooling mode (DESIGN.md §10).
+"""The whole API through a real PgBouncer in transaction pooling mode (docs/scaling.md#pgbouncer).
 
 Debian's pgbouncer (1.18: it keeps no prepared statement across
 transactions) in front of the test PostgreSQL, started by
