@@ -206,6 +206,21 @@ BEGIN
     RETURN QUERY SELECT unnest(v_gone);
 END $$;
 
+-- One lease (an unload, a request's session): a single-key statement whose
+-- plan is cached, where lease_release plans its arrays on every call.
+CREATE FUNCTION {s}.lease_release_one(
+    p_store text, p_holder uuid, p_key text, p_token bigint, p_channel text) RETURNS boolean
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+BEGIN
+    DELETE FROM {s}.locks l
+    WHERE l.store = p_store AND l.key = p_key AND l.holder = p_holder AND l.token = p_token;
+    IF FOUND THEN
+        PERFORM pg_notify(p_channel, p_key);
+    END IF;
+    RETURN FOUND;
+END $$;
+
 CREATE FUNCTION {s}.lease_release_unclaimed(
     p_store text, p_key text, p_holder uuid, p_channel text) RETURNS boolean
 LANGUAGE plpgsql AS $$
@@ -631,6 +646,7 @@ FUNCTIONS = (
     ("lease_info", "text, text"),
     ("lease_renew", "text, uuid, text[], bigint[], float8, text"),
     ("lease_release", "text, uuid, text[], bigint[], text"),
+    ("lease_release_one", "text, uuid, text, bigint, text"),
     ("lease_release_unclaimed", "text, text, uuid, text"),
     ("lease_hand_over", "text, uuid, text, bigint, uuid, float8, text"),
     ("prune_requests", _PRUNE_ARGS),

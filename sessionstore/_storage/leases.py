@@ -86,6 +86,9 @@ class LeaseStatements:
         )
         # Release the given leases (ones already lost are skipped); each
         # released key is announced to waiters.
+        self.release_one = (
+            f"SELECT {s}.lease_release_one(%(store)s, %(holder)s, %(key)s, %(token)s, %(channel)s)"
+        )
         self.release = (
             f"SELECT * FROM {s}.lease_release(%(store)s, %(holder)s, CAST(%(keys)s AS text[]), "
             "CAST(%(tokens)s AS bigint[]), %(channel)s) AS key"
@@ -249,9 +252,16 @@ def release(
     wanted = dict(leases)
     if not wanted:
         return
-    params = {**_pairs(store, holder, wanted.items()), "channel": free_channel(schema, store)}
+    sql = lease_statements(schema)
+    channel = free_channel(schema, store)
     with driver_cursor(conn) as cursor:
-        cursor.execute(lease_statements(schema).release, params, prepare=False)
+        if len(wanted) == 1:
+            ((key, token),) = wanted.items()
+            one = {"store": store, "holder": holder, "key": key, "token": token}
+            cursor.execute(sql.release_one, {**one, "channel": channel})
+            return
+        params = {**_pairs(store, holder, wanted.items()), "channel": channel}
+        cursor.execute(sql.release, params, prepare=False)
 
 
 def hand_over(
