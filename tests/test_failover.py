@@ -46,7 +46,6 @@ from holder_child import Child
 
 import sessionstore as ss
 from sessionstore import db
-from sessionstore._storage.sql import ALIVE_SQL
 from sessionstore.testing import RESOLVED_ENV
 
 pytestmark = [
@@ -373,7 +372,7 @@ def test_a_holder_frozen_across_the_promotion_is_fenced_out(
 
 def alive(pair: Pair, holder: str) -> bool:
     """Does ``holder`` hold its advisory lock (proof of life) on the current primary?"""
-    query = f"SELECT {ALIVE_SQL.format(holder='CAST(:holder AS uuid)')}"
+    query = "SELECT {s}.holder_alive(CAST(:holder AS uuid))"
     return bool(on_primary(pair, query, holder=holder)[0][0])
 
 

@@ -363,9 +363,7 @@ def test_one_pruner_at_a_time(
             {"s": store_name},
         )
         thread, outcome = in_thread(first.prune)
-        wait_until(
-            lambda: lock_waiter(sql, "%prune_batch%"), 10, "the first prune's DELETE"
-        )
+        wait_until(lambda: lock_waiter(sql, "%prune_batch%"), 10, "the first prune's DELETE")
         # Were the second pruner allowed in, it would block on the same row (or
         # delete k2's versions under the first one's feet).
         started = time.monotonic()

@@ -2,13 +2,15 @@
 
 Owns the statements on ``versions``, ``shards`` and ``records``. A save is a
 *file* (see :mod:`.codec`) kept inline in the version row or split across
-shard rows. :func:`write_versions` is the fenced write of the package: a
-single statement that row-locks each key's lease row (in key order), checks
-holder, token and expiry on the database clock (:data:`.sql.LEASE_HELD`),
-and only then inserts the versions, their shards and, on a key's first save,
-its record. :func:`write_streamed` does the same for one large document,
-whose shards follow in the same transaction as they are compressed. The
-newest version of a key is its current data.
+shard rows. :func:`write_versions` is the fenced write of the package: one
+call of a server function (revision 0004: ``write_version``, ``write_few``
+or ``write_versions``) that row-locks each key's lease row (in key order),
+checks holder, token and expiry on the database clock, and only then
+inserts the versions, their shards and, on a key's first save, its record.
+:func:`write_streamed` does the same for one large document, whose shards
+follow in the same transaction as they are compressed, fenced again at its
+end (:data:`.sql.LEASE_HELD`). The newest version of a key is its current
+data.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 import sqlalchemy as sa
 
 from ..db import driver_connection, driver_cursor
-from .sql import ALIVE_SQL, free_channel, holder_channel
+from .sql import free_channel, holder_channel
 from .types import LeaseInfo, Renewal
 
 __all__ = [
@@ -76,6 +76,9 @@ class LeaseStatements:
             "CAST(:holder AS uuid), :duration, :host, :pid, :liveness)"
         )
         self.info = sa.text(f"SELECT * FROM {s}.lease_info(:store, :key)")
+        # The liveness test (revision 0004's holder_alive: the holder's
+        # session advisory lock in pg_locks of this server, Citus' coordinator).
+        self.alive = sa.text(f"SELECT {s}.holder_alive(CAST(:holder AS uuid))")
         # Renew exactly the leases the holder still uses (a lease it no longer
         # tracks, after a release that failed, is left to expire), waiting at
         # most lock_timeout for a row someone else holds locked.
@@ -318,9 +321,9 @@ def info(conn: sa.Connection, schema: str, store: str, key: str) -> LeaseInfo | 
     )
 
 
-def holder_alive(conn: sa.Connection, holder: str) -> bool:
+def holder_alive(conn: sa.Connection, schema: str, holder: str) -> bool:
     """Does ``holder`` hold its advisory lock, as other connections see it?"""
-    return bool(conn.execute(_ALIVE, {"holder": holder}).scalar())
+    return bool(conn.execute(lease_statements(schema).alive, {"holder": holder}).scalar())
 
 
 def request_handoff(conn: sa.Connection, holder: str, key: str, requester: str) -> None:
@@ -338,4 +341,3 @@ def parse_handoff_request(payload: str) -> tuple[str, str] | None:
 
 
 _NOTIFY = sa.text("SELECT pg_notify(:channel, :payload)")
-_ALIVE = sa.text("SELECT " + ALIVE_SQL.format(holder="CAST(:holder AS uuid)"))

@@ -127,7 +127,9 @@ class Repository:
         return self.run("lease info", lambda c: leases.info(c, self.schema, self.store, key))
 
     def holder_alive(self) -> bool:
-        return self.run("liveness check", lambda c: leases.holder_alive(c, self.holder))
+        return self.run(
+            "liveness check", lambda c: leases.holder_alive(c, self.schema, self.holder)
+        )
 
     def request_handoff(self, other: str, key: str) -> None:
         self.run("request handoff", lambda c: leases.request_handoff(c, other, key, self.holder))

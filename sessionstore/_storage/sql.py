@@ -1,9 +1,10 @@
 """SQL fragments shared by the storage layer's statements, and channel names.
 
 Owns the pieces every statement must spell the same way: the lease check
-that fences a write (:data:`LEASE_HELD`), the test that a holder is alive
-(its session advisory lock, :data:`ALIVE_SQL`), the advisory lock the
-control connection takes, and the LISTEN/NOTIFY channel names. Statements
+that fences the end of a streamed write (:data:`LEASE_HELD`; every other
+fenced write is a server function of revision 0004), the advisory lock the
+control connection takes (its proof of life, which the ``holder_alive``
+function of revision 0004 looks for), and the LISTEN/NOTIFY channel names. Statements
 themselves live beside the code that runs them (``leases``, ``files``).
 Identifiers spliced into SQL are validated schema names; every value is a
 bound parameter.
@@ -15,7 +16,6 @@ import hashlib
 
 __all__ = [
     "ADVISORY_LOCK",
-    "ALIVE_SQL",
     "LEASE_HELD",
     "free_channel",
     "holder_channel",
@@ -31,7 +31,8 @@ LEASE_HELD = (
 """The fence: the lease row ``l`` still carries our holder and token and has not
 expired on the database clock. ``match`` picks the keys and tokens
 (:func:`one_lease` for one key); the other placeholders are the statement's
-own parameters. Every fenced statement (write, streamed write, erase) uses it."""
+own parameters. The streamed write's last statement uses it; the server
+functions (revision 0004) spell the same check in PL/pgSQL."""
 
 
 def one_lease(key: str, token: str) -> str:
@@ -43,15 +44,6 @@ def one_lease(key: str, token: str) -> str:
 # with objsubid = 2; a hash collision can only make a dead holder look alive
 # (then its leases are taken when they expire), never the reverse.
 ADVISORY_LOCK = "SELECT pg_advisory_lock(hashtext('sessionstore.holder'), hashtext(%s))"
-
-ALIVE_SQL = """EXISTS (
-    SELECT 1 FROM pg_locks pl
-    WHERE pl.locktype = 'advisory' AND pl.granted AND pl.objsubid = 2
-      AND pl.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-      AND pl.classid = (hashtext('sessionstore.holder')::bigint & 4294967295)::oid
-      AND pl.objid = (hashtext({holder}::text)::bigint & 4294967295)::oid
-)"""
-"""SQL condition: the holder (an SQL expression, e.g. ``l.holder``) holds its advisory lock."""
 
 
 def holder_channel(holder: str) -> str:
