@@ -20,8 +20,8 @@ document at the limit fits comfortably within Python's recursion limit).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from typing import Any, NoReturn
+from collections.abc import Callable, ItemsView, Iterator, Mapping, ValuesView
+from typing import Any, NoReturn, SupportsIndex
 
 import orjson
 
@@ -61,10 +61,30 @@ def _read_only(self: object, *args: object, **kwargs: object) -> NoReturn:
     raise TypeError(f"{type(self).__name__} is read-only: change data inside update()")
 
 
+# The frozen containers are lazy: built over data fresh from the parser, they
+# keep its plain children and replace each by its frozen view the first time
+# it is read (a shallow copy of that one container, written back into the
+# parent's own storage, so a path is frozen once and then shared). Reading a
+# document therefore costs what the parse costs plus the containers read,
+# not a walk of the whole tree. The plain children never escape: every
+# method that hands out a child is overridden below, and ``__iter__`` is
+# overridden (to itself) so that CPython's dict merge (``dict(d)``, ``{**d}``,
+# ``d | x``) takes its slow path through ``keys()`` and ``__getitem__``. The
+# storage is only ever read raw by this module (encode, thaw, freeze).
+_dict_get = dict.__getitem__
+_dict_set = dict.__setitem__
+_list_get = list.__getitem__
+_list_set = list.__setitem__
+_dict_items = dict.items
+_list_iter = list.__iter__
+
+
 class FrozenDict(dict[str, Any]):
     """A read-only ``dict``; ``thaw()`` or ``dict(...)`` gives a mutable copy."""
 
-    __slots__ = ()
+    # _settled: present once every child is frozen (see _settle_dict).
+    __slots__ = ("_settled",)
+    _settled: bool
 
     __setitem__ = _read_only
     __delitem__ = _read_only
@@ -74,6 +94,39 @@ class FrozenDict(dict[str, Any]):
     popitem = _read_only
     setdefault = _read_only
     update = _read_only
+
+    def __getitem__(self, name: str) -> Any:
+        item = _dict_get(self, name)
+        kind = type(item)
+        if kind is dict:
+            item = FrozenDict(item)
+            _dict_set(self, name, item)
+        elif kind is list:
+            item = FrozenList(item)
+            _dict_set(self, name, item)
+        return item
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self[name] if dict.__contains__(self, name) else default
+
+    def __iter__(self) -> Iterator[str]:
+        return dict.__iter__(self)
+
+    def values(self) -> ValuesView[Any]:  # type: ignore[override]
+        return dict.values(_settle_dict(self))
+
+    def items(self) -> ItemsView[str, Any]:  # type: ignore[override]
+        return dict.items(_settle_dict(self))
+
+    def copy(self) -> dict[str, Any]:
+        """A plain, shallow copy (its containers are frozen)."""
+        return dict(_dict_items(_settle_dict(self)))
+
+    def __or__(self, other: Any) -> dict[str, Any]:  # type: ignore[override]
+        return dict.__or__(_settle_dict(self), other)
+
+    def __ror__(self, other: Any) -> dict[str, Any]:  # type: ignore[override]
+        return dict.__ror__(_settle_dict(self), other)
 
     def __hash__(self) -> int:  # type: ignore[override]
         return hash(frozenset(self.items()))
@@ -85,16 +138,17 @@ class FrozenDict(dict[str, Any]):
         return self
 
     def __reduce__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
-        return (_make_frozen_dict, (dict(self),))
+        return (_make_frozen_dict, (dict(_dict_items(self)),))
 
     def __repr__(self) -> str:
-        return f"FrozenDict({dict.__repr__(self)})"
+        return f"FrozenDict({dict.__repr__(_settle_dict(self))})"
 
 
 class FrozenList(list[Any]):
     """A read-only ``list``; ``thaw()`` or ``list(...)`` gives a mutable copy."""
 
-    __slots__ = ()
+    __slots__ = ("_settled",)
+    _settled: bool
 
     __setitem__ = _read_only
     __delitem__ = _read_only
@@ -109,6 +163,42 @@ class FrozenList(list[Any]):
     reverse = _read_only
     sort = _read_only
 
+    def __getitem__(self, index: Any) -> Any:
+        if type(index) is slice:
+            return [self[position] for position in range(len(self))[index]]
+        item = _list_get(self, index)
+        kind = type(item)
+        if kind is dict:
+            item = FrozenDict(item)
+            _list_set(self, index, item)
+        elif kind is list:
+            item = FrozenList(item)
+            _list_set(self, index, item)
+        return item
+
+    def __iter__(self) -> Iterator[Any]:
+        return _list_iter(_settle_list(self))
+
+    def __reversed__(self) -> Iterator[Any]:
+        return list.__reversed__(_settle_list(self))
+
+    def copy(self) -> list[Any]:
+        """A plain, shallow copy (its containers are frozen)."""
+        return list(_list_iter(_settle_list(self)))
+
+    def __add__(self, other: Any) -> list[Any]:
+        return list.__add__(_settle_list(self), other)
+
+    def __radd__(self, other: Any) -> list[Any]:
+        if not isinstance(other, list):
+            return NotImplemented
+        return list.__add__(other, _settle_list(self))
+
+    def __mul__(self, count: SupportsIndex) -> list[Any]:
+        return list.__mul__(_settle_list(self), count)
+
+    __rmul__ = __mul__
+
     def __hash__(self) -> int:  # type: ignore[override]
         return hash(tuple(self))
 
@@ -119,19 +209,44 @@ class FrozenList(list[Any]):
         return self
 
     def __reduce__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
-        return (FrozenList, (list(self),))
+        return (FrozenList, (list(_list_iter(self)),))
 
     def __repr__(self) -> str:
-        return f"FrozenList({list.__repr__(self)})"
+        return f"FrozenList({list.__repr__(_settle_list(self))})"
+
+
+def _settle_dict(frozen: FrozenDict) -> FrozenDict:
+    """Freeze the children of ``frozen`` still plain (one level) before handing them out.
+
+    Once done, ``frozen`` is marked (its children never turn plain again), so
+    iterating a settled container costs one attribute read, not a walk.
+    """
+    if not hasattr(frozen, "_settled"):
+        for name, item in _dict_items(frozen):
+            kind = type(item)
+            if kind is dict:
+                _dict_set(frozen, name, FrozenDict(item))
+            elif kind is list:
+                _dict_set(frozen, name, FrozenList(item))
+        frozen._settled = True
+    return frozen
+
+
+def _settle_list(frozen: FrozenList) -> FrozenList:
+    """:func:`_settle_dict` for a list."""
+    if not hasattr(frozen, "_settled"):
+        for index, item in enumerate(_list_iter(frozen)):
+            kind = type(item)
+            if kind is dict:
+                _list_set(frozen, index, FrozenDict(item))
+            elif kind is list:
+                _list_set(frozen, index, FrozenList(item))
+        frozen._settled = True
+    return frozen
 
 
 def _make_frozen_dict(items: Mapping[str, Any]) -> FrozenDict:
     return FrozenDict(items)
-
-
-# list.__init__ and dict.__init__ fill the container in C without calling the
-# overridden (raising) methods.
-_frozen_list = FrozenList
 
 
 def _bad(path: str, why: str) -> NoReturn:
@@ -186,85 +301,33 @@ def _freeze(value: Any, path: str, depth: int, active: set[int]) -> Any:
     # one more stack frame per level.
     if is_dict:
         items = {}
-        for name, item in value.items():
+        for name, item in _dict_items(value):  # raw: a FrozenDict's children as stored
             if type(name) is not str:
                 _bad(path, f"dict key {name!r} is {type(name).__name__}, not str")
             items[name] = _freeze(item, f"{path}.{name}", depth + 1, active)
         frozen: Any = FrozenDict(items)
     else:
         elements = []
-        for index, item in enumerate(value):
+        for index, item in enumerate(_list_iter(value) if kind is not tuple else value):
             elements.append(_freeze(item, f"{path}[{index}]", depth + 1, active))
-        frozen = _frozen_list(elements)
+        frozen = FrozenList(elements)
     active.discard(ident)
     return frozen
 
 
 def freeze_json(value: Any) -> Any:
-    """Freeze data known to be JSON (fresh from :func:`decode`): no checks, no copies of scalars.
+    """The frozen view of data known to be JSON (fresh from :func:`decode`): no checks.
 
-    Any depth: JSON that only another writer could have stored (orjson
-    parses up to 1024 levels, more than sessionstore writes) is frozen by
-    an iterative walk when the recursive one runs out of stack.
+    O(size of the top container): the view freezes nested containers as
+    they are read (see :class:`FrozenDict`), and takes ownership of
+    ``value``, which nobody else may hold. Any depth: nothing recurses.
     """
     kind = type(value)
-    try:
-        if kind is dict:
-            return _freeze_dict(value)
-        if kind is list:
-            return _freeze_list(value)
-    except RecursionError:
-        return _freeze_json_deep(value)
+    if kind is dict:
+        return FrozenDict(value)
+    if kind is list:
+        return FrozenList(value)
     return value
-
-
-def _freeze_json_deep(value: Any) -> Any:
-    """:func:`freeze_json` without recursion: copy each container, then fix up its children."""
-    root = FrozenDict(value) if type(value) is dict else FrozenList(value)
-    pending: list[tuple[Any, Any]] = [(value, root)]
-    while pending:
-        source, frozen = pending.pop()
-        slots = source.items() if type(source) is dict else enumerate(source)
-        setter = _dict_set if type(source) is dict else _list_set
-        for slot, item in slots:
-            kind = type(item)
-            if kind is dict or kind is list:
-                child = FrozenDict(item) if kind is dict else FrozenList(item)
-                setter(frozen, slot, child)
-                pending.append((item, child))
-    return root
-
-
-# The two walkers test each child's type inline instead of recursing into
-# every scalar: a call per container, not per value. A dict is copied whole
-# in C and only its container values are replaced (through dict's own
-# __setitem__, as FrozenDict refuses); a list is rebuilt by a comprehension.
-_dict_set = dict.__setitem__
-_list_set = list.__setitem__
-
-
-def _freeze_dict(value: dict[str, Any]) -> FrozenDict:
-    out = FrozenDict(value)
-    for name, item in value.items():
-        kind = type(item)
-        if kind is dict:
-            _dict_set(out, name, _freeze_dict(item))
-        elif kind is list:
-            _dict_set(out, name, _freeze_list(item))
-    return out
-
-
-def _freeze_list(value: list[Any]) -> FrozenList:
-    return FrozenList(
-        [
-            _freeze_dict(item)
-            if type(item) is dict
-            else _freeze_list(item)
-            if type(item) is list
-            else item
-            for item in value
-        ]
-    )
 
 
 _CONTAINERS = frozenset({dict, FrozenDict, list, FrozenList, tuple})
@@ -293,11 +356,11 @@ def _thaw(value: Any, depth: int, active: set[int]) -> Any:
     kinds = _CONTAINERS
     if type(value) is dict or type(value) is FrozenDict:
         copy: Any = {}
-        for name, item in value.items():
+        for name, item in _dict_items(value):
             copy[name] = _thaw(item, depth + 1, active) if type(item) in kinds else item
     else:
         copy = []
-        for item in value:
+        for item in value if type(value) is tuple else _list_iter(value):
             copy.append(_thaw(item, depth + 1, active) if type(item) in kinds else item)
     active.discard(ident)
     return copy
@@ -315,10 +378,12 @@ _STRICT = (
 def _strict(value: Any) -> Any:
     """orjson's ``default``: our own frozen containers serialise; nothing else does."""
     kind = type(value)
+    # The raw storage, in C: children not yet read are still plain and
+    # serialise natively, so encoding a view freezes nothing.
     if kind is FrozenDict:
-        return dict(value)
+        return dict(_dict_items(value))
     if kind is FrozenList:
-        return list(value)
+        return list(_list_iter(value))
     raise TypeError(f"{kind.__name__} is not a JSON type")
 
 

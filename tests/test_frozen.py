@@ -17,6 +17,7 @@ import orjson
 import pytest
 
 import sessionstore as ss
+from sessionstore.frozen import encode, freeze_json
 
 TEMPLATE = {"coins": 0, "inventory": []}
 DOC = {
@@ -170,6 +171,66 @@ def test_frozen_copies(frozen: Any) -> None:
         with pytest.raises(TypeError):
             copied["tags"].append("z")
     assert copy.deepcopy({"wrapped": frozen}) == {"wrapped": DOC}
+
+
+# Views are lazy (docs/large-documents.md): a child container is frozen when
+# it is first read. Each way of reaching a child, tried on a view where no
+# child was read yet, must hand out a frozen one: never the parser's plain
+# container, whose change would change the document behind the store's back.
+CHILD_ROUTES: dict[str, Callable[[Any], Any]] = {
+    "getitem": lambda d: d["nested"],
+    "get": lambda d: d.get("nested"),
+    "values": lambda d: next(v for v in d.values() if isinstance(v, dict)),
+    "items": lambda d: dict(d.items())["nested"],
+    "dict()": lambda d: dict(d)["nested"],
+    "splat": lambda d: {**d}["nested"],
+    "or": lambda d: (d | {})["nested"],
+    "ror": lambda d: ({} | d)["nested"],
+    "copy": lambda d: d.copy()["nested"],
+    "kwargs": lambda d: (lambda **kw: kw)(**d)["nested"],
+    "list index": lambda d: d["tags"][2],
+    "list negative index": lambda d: d["tags"][-1],
+    "list slice": lambda d: d["tags"][1:][1],
+    "list iter": lambda d: list(d["tags"])[2],
+    "list for": lambda d: next(x for x in d["tags"] if isinstance(x, dict)),
+    "list reversed": lambda d: next(reversed(d["tags"])),
+    "list copy": lambda d: d["tags"].copy()[2],
+    "list add": lambda d: (d["tags"] + [])[2],
+    "list radd": lambda d: ([] + d["tags"])[2],
+    "list mul": lambda d: (d["tags"] * 2)[5],
+    "list rmul": lambda d: (2 * d["tags"])[5],
+    "tuple()": lambda d: tuple(d["tags"])[2],
+    "unpack": lambda d: (lambda a, b, c: c)(*d["tags"]),
+    "sorted keys": lambda d: [d[k] for k in sorted(d)][2],
+}
+
+
+@pytest.mark.parametrize("route", CHILD_ROUTES.values(), ids=list(CHILD_ROUTES))
+def test_every_route_to_a_child_gives_a_frozen_one(store: ss.Store, route: Any) -> None:
+    store.load("k")
+    store.update_immutable("k", lambda d: DOC)
+    view = store.get("k")
+    child = route(view)
+    assert isinstance(child, (ss.FrozenDict, ss.FrozenList)), type(child)
+    with pytest.raises(TypeError):
+        child.clear()
+    assert store.get("k") == DOC
+
+
+def test_views_are_read_in_place_and_then_shared() -> None:
+    view = freeze_json(orjson.loads(orjson.dumps(DOC)))
+    assert view["nested"] is view["nested"], "a child is frozen once, then shared"
+    assert view["tags"][2] is view["tags"][2]
+    assert view == DOC
+    assert hash(view) == hash(ss.freeze(DOC))
+
+
+def test_encoding_a_view_reads_no_child() -> None:
+    """orjson serialises the parser's own children: a large view stays unfrozen."""
+    view = freeze_json(orjson.loads(orjson.dumps(DOC)))
+    assert orjson.loads(encode(view)) == DOC
+    assert ss.thaw(view) == DOC
+    assert type(dict.__getitem__(view, "nested")) is dict, "thaw and encode read raw storage"
 
 
 def test_thaw_gives_a_deep_mutable_copy(frozen: Any) -> None:
