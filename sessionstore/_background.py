@@ -27,6 +27,7 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
+from ._storage.leases import HandoffRequest
 from .frozen import decode, freeze_json
 
 if TYPE_CHECKING:
@@ -178,12 +179,12 @@ class _RunPrune(_CoreTask):
 class HandOver(_CoreTask):
     """Another process asked for ``key``: ask the application (on the lane), then hand over."""
 
-    __slots__ = ("asked", "key", "requester")
+    __slots__ = ("asked", "key", "request")
 
-    def __init__(self, core: StoreCore, key: str, requester: str, *, asked: bool = False) -> None:
+    def __init__(self, core: StoreCore, request: HandoffRequest, *, asked: bool = False) -> None:
         super().__init__(core)
-        self.key = key
-        self.requester = requester
+        self.request = request
+        self.key = request.key
         self.asked = asked
 
     def __call__(self) -> None:
@@ -191,12 +192,12 @@ class HandOver(_CoreTask):
         if core is None:
             return
         if core.config.on_handoff_request is not None and not self.asked:
-            core.lane.submit(AskHandoff(core, self.key, self.requester))
+            core.lane.submit(AskHandoff(core, self.request))
         else:
-            core.saver.hand_over(self.key, self.requester)
+            core.saver.hand_over(self.request)
 
     def __repr__(self) -> str:
-        return f"<HandOver key={self.key!r} to={self.requester}>"
+        return f"<HandOver key={self.key!r} to={self.request.requester}>"
 
 
 class AskHandoff(HandOver):
@@ -218,7 +219,7 @@ class AskHandoff(HandOver):
         if not allowed:
             core.log(logging.DEBUG, self.key, "handoff refused by on_handoff_request")
             return
-        core.worker.submit(HandOver(core, self.key, self.requester, asked=True))
+        core.worker.submit(HandOver(core, self.request, asked=True))
 
 
 class NotifyLost(_CoreTask):

@@ -252,10 +252,9 @@ class StoreCore:
             wake(entry)
 
     def on_handoff_request(self, payload: str) -> None:
-        parsed = parse_handoff_request(payload)
-        if parsed is not None and not self.closing:
-            requester, key = parsed
-            self.worker.submit(HandOver(self, key, requester))
+        request = parse_handoff_request(payload)
+        if request is not None and not self.closing:
+            self.worker.submit(HandOver(self, request))
 
     def on_control_reconnect(self) -> None:
         """Back after a drop: messages announced meanwhile were not heard; look for them."""

@@ -32,8 +32,10 @@ if TYPE_CHECKING:
 
 __all__ = ["Loader"]
 
-_ASK_EVERY = 1.0
-"""Seconds between handoff requests to the same live holder."""
+_ASK_EVERY = 0.1
+"""Seconds between handoff requests to the same live holder: a request it
+could not promise (its own load of the key was still in flight) costs at
+most this long, one NOTIFY per waiter and interval."""
 
 
 class Loader:
@@ -49,11 +51,11 @@ class Loader:
         if not mine:
             return entry
         try:
-            token, acquired_at = self._acquire(entry)
+            token, acquired_at, loaded = self._acquire(entry, read=True)
         except BaseException as exc:
             core.table.fail_load(entry, exc)
             raise
-        return self._finish(entry, token, acquired_at, None)
+        return self._finish(entry, token, acquired_at, loaded)
 
     def _finish(
         self, entry: KeyEntry, token: int, acquired_at: float, loaded: LoadedKey | None
@@ -140,7 +142,7 @@ class Loader:
                 missing.append(entry)
         for entry in missing:
             if wait:
-                token, acquired_at = self._acquire(entry)  # LockUnavailableError: none kept
+                token, acquired_at, _ = self._acquire(entry)  # LockUnavailableError: none kept
                 self._took(entry, token, acquired_at, taken)
             else:
                 unavailable.append(entry)
@@ -195,7 +197,7 @@ class Loader:
         if not mine:
             raise LoadInProgressError(f"{core.describe(key)} was loaded meanwhile")
         try:
-            token, _ = self._acquire(entry)
+            token, _, _ = self._acquire(entry)
         except BaseException as exc:
             core.table.fail_load(entry, exc)
             raise
@@ -214,8 +216,14 @@ class Loader:
 
     # -- the lease ------------------------------------------------------------------
 
-    def _acquire(self, entry: KeyEntry) -> tuple[int, float]:
-        """Wait for the key's lease; ``(token, monotonic time of the winning attempt)``."""
+    def _acquire(
+        self, entry: KeyEntry, *, read: bool = False
+    ) -> tuple[int, float, LoadedKey | None]:
+        """Wait for the key's lease; ``(token, monotonic time of the winning attempt, data)``.
+
+        With ``read``, the winning attempt also reads what the load needs
+        (one call: ``repo.acquire_for_load``); else the data is None.
+        """
         core, key, config = self._core, entry.key, self._core.config
         backoff = AttemptWithBackoff(
             RetryPolicy(timeout=config.lock_timeout, initial_delay=0.005, max_delay=0.25)
@@ -223,6 +231,7 @@ class Loader:
         dead: LeaseInfo | None = None
         seen_dead: dict[tuple[str, int], float] = {}
         asked: dict[tuple[str, int], float] = {}
+        since: int | None = None  # the first lease in our way: our place in the queue
         wakeup = entry.wakeup
         assert wakeup is not None, "a loading entry has its wakeup event"
         while True:
@@ -230,7 +239,7 @@ class Loader:
             if entry.cancelled is not None:
                 raise self._cancelled(entry)
             started = time.monotonic()
-            token = core.repo.acquire(key, config.lock_duration, liveness=core.liveness, dead=dead)
+            token, loaded = self._try_acquire(key, dead, read)
             if token is not None:
                 if asked and dead is None:
                     core.stats.add("handoffs_in")  # given up by a live holder we asked
@@ -243,7 +252,7 @@ class Loader:
                         dead.host,
                         dead.pid,
                     )
-                return token, started
+                return token, started, loaded
             dead = None
             holder = core.repo.lease_info(key)
             now = time.monotonic()
@@ -256,9 +265,10 @@ class Loader:
                         continue
                 else:
                     seen_dead.pop(lease, None)  # seen alive: the grace starts over
+                    since = since or holder.token
                     if now - asked.get(lease, -1e9) >= _ASK_EVERY:
                         asked[lease] = now
-                        core.repo.request_handoff(holder.holder, key)
+                        core.repo.request_handoff(holder.holder, key, since)
             delay = backoff.next_delay()
             if delay is None:
                 where = (
@@ -271,6 +281,16 @@ class Loader:
                     f"gave up after lock_timeout={config.lock_timeout}s"
                 )
             wakeup.wait(delay)  # a NOTIFY that the key is free, or a cancel, wakes it
+
+    def _try_acquire(
+        self, key: str, dead: LeaseInfo | None, read: bool
+    ) -> tuple[int | None, LoadedKey | None]:
+        """One attempt at the lease (and, with ``read``, the load's read in the same call)."""
+        core, duration = self._core, self._core.config.lock_duration
+        if not read:
+            return core.repo.acquire(key, duration, liveness=core.liveness, dead=dead), None
+        taken = core.repo.acquire_for_load(key, duration, liveness=core.liveness, dead=dead)
+        return taken if taken is not None else (None, None)
 
     # -- the data -------------------------------------------------------------------
 

@@ -58,6 +58,7 @@ class KeyEntry:
         "users",
         "wakeup",
         "wanted_by",
+        "wanted_since",
     )
 
     def __init__(self, key: str) -> None:
@@ -76,6 +77,8 @@ class KeyEntry:
         self.wanted_by: str | None = None
         """Another process asked for the key while blocks used it: it goes there when the
         last block exits, and new blocks of this process wait for that."""
+        self.wanted_since: int | None = None
+        """The ``waiting_since`` of ``wanted_by``'s request (see ``HandoffRequest``)."""
         self.explicit = False
         """Loaded by ``load()``: stays until ``unload()``, whatever the blocks do."""
         self.in_tx = False
@@ -99,6 +102,11 @@ def wake(entry: KeyEntry) -> None:
     wakeup = entry.wakeup
     if wakeup is not None:
         wakeup.set()
+
+
+def _earlier(since: int | None, than: int | None) -> bool:
+    """Has a request waiting since ``since`` waited longer than one since ``than``?"""
+    return since is not None and (than is None or since < than)
 
 
 class KeyTable:
@@ -267,18 +275,29 @@ class KeyTable:
                 return True, entry.wanted_by
             return not entry.explicit, None
 
-    def want(self, entry: KeyEntry, requester: str) -> bool:
-        """Another process asks for a key in use: promise it; False if no block uses it now."""
+    def want(self, entry: KeyEntry, requester: str, waiting_since: int | None = None) -> bool:
+        """Another process asks for the key: promise it; False if nothing here will let it go.
+
+        Promised to the asker that has waited longest (the smallest
+        ``waiting_since``; among equals, or without one, the first). A key
+        that ``session()`` blocks use (or are loading) passes when the last
+        block exits; a key being unloaded passes at the end of that unload
+        instead of being released, so the asker never races the releaser's
+        next load for it (docs/web-backends.md).
+        """
         with self._lock:
-            if entry.state is not KeyState.LIVE or entry.users <= 0:
+            state = entry.state
+            in_use = state is KeyState.LIVE or state is KeyState.LOADING
+            if not (state is KeyState.UNLOADING or (in_use and entry.users > 0)):
                 return False
-            entry.wanted_by = entry.wanted_by or requester
+            if entry.wanted_by is None or _earlier(waiting_since, entry.wanted_since):
+                entry.wanted_by, entry.wanted_since = requester, waiting_since
             return True
 
     def unwant(self, entry: KeyEntry) -> None:
         """The promised handoff failed: new blocks may use the key again."""
         with self._lock:
-            entry.wanted_by = None
+            entry.wanted_by = entry.wanted_since = None
             self._changed.notify_all()
 
     def drop_explicit(self, entry: KeyEntry) -> bool:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from ._background import AfterSave
 from ._registry import KeyEntry, KeyState
 from ._storage import PendingWrite
+from ._storage.leases import HandoffRequest
 from .errors import (
     KeyNotLoadedError,
     LoadInProgressError,
@@ -329,16 +330,34 @@ class Saver:
         return True
 
     def _let_go(self, done: Sequence[Session], handoff_to: str | None) -> None:
+        """Release the leases of ``done``, or hand each over to the process it is promised to.
+
+        ``handoff_to`` (one session): the handoff asked for; otherwise a
+        process that asked while the key was in use or being unloaded
+        (``wanted_by``) gets it, and the rest are released.
+        """
+        released = [
+            (session.key, session.token)
+            for session in done
+            if not self._handed_over(session, handoff_to or session.entry.wanted_by)
+        ]
+        self._core.release_quietly(released)
+
+    def _handed_over(self, session: Session, requester: str | None) -> bool:
+        """Pass ``session``'s lease to ``requester``; False (release it) if that did not happen."""
+        if requester is None:
+            return False
         core = self._core
-        if handoff_to is not None and len(done) == 1:
-            session = done[0]
-            reserve = min(core.config.lock_duration, max(1.0, 2 * core.config.takeover_grace))
-            try:
-                if core.repo.hand_over(session.key, session.token, handoff_to, reserve):
-                    return
-            except SessionStoreError as exc:
-                core.log(logging.WARNING, session.key, "handover failed, releasing: %s", exc)
-        core.release_quietly([(s.key, s.token) for s in done])
+        reserve = min(core.config.lock_duration, max(1.0, 2 * core.config.takeover_grace))
+        try:
+            handed = core.repo.hand_over(session.key, session.token, requester, reserve)
+        except SessionStoreError as exc:
+            core.log(logging.WARNING, session.key, "handover failed, releasing: %s", exc)
+            return False
+        if handed:
+            core.stats.add("handoffs_out")
+            core.log(logging.INFO, session.key, "handed over to another process")
+        return handed
 
     def _finish_unloads(
         self, started: Sequence[Session], errors: dict[str, Exception], *, tombstone: bool
@@ -350,6 +369,7 @@ class Saver:
         for session in started:
             error = errors.get(session.key)
             if error is not None and not isinstance(error, LockLostError | SessionClosedError):
+                core.table.unwant(session.entry)  # kept here: a promise to an asker is off
                 core.table.end_unload(session.entry, done=False)
                 continue
             core.rules.views.forget(session)
@@ -379,22 +399,22 @@ class Saver:
         entry = self._core.table.get(key)
         return entry is not None and entry.state is KeyState.LIVE and entry.users <= 0
 
-    def hand_over(self, key: str, requester: str) -> None:
+    def hand_over(self, request: HandoffRequest) -> None:
         """Final save, then the lease passes to ``requester`` (worker thread).
 
         A key that ``session()`` blocks are using goes when the last exits
         (new blocks wait meanwhile); a lease handed to this process that it
         never took (its loader gave up) is released for the asker.
         """
-        core = self._core
+        core, key = self._core, request.key
         entry = core.table.get(key)
         if entry is None:
             core.repo.release_unclaimed(key)
             return
-        if core.table.want(entry, requester):
+        if core.table.want(entry, request.requester, request.waiting_since):
             return
         if self.may_hand_over(key):
-            self.hand_over_now(entry, requester)
+            self.hand_over_now(entry, request.requester)
 
     def hand_over_now(self, entry: KeyEntry, requester: str) -> None:
         core = self._core
@@ -406,8 +426,6 @@ class Saver:
             )
             return
         if entry.state is KeyState.CLOSED:
-            core.stats.add("handoffs_out")
-            core.log(logging.INFO, entry.key, "handed over to another process")
             core.leases.tell_lost(entry.key)
 
     # -- erase -------------------------------------------------------------------------

@@ -691,3 +691,44 @@ def test_close_waits_for_a_running_save_and_loses_nothing(
     reader = make_store()
     assert reader.peek("k")["coins"] == 1 and reader.peek("j")["coins"] == 2
     assert not reader.probe_lock_active("k") and not reader.probe_lock_active("j")
+
+
+def test_a_load_takes_the_lease_and_reads_in_one_statement(
+    make_store: MakeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Revision 0005: the lease, the newest version, the applied ids and the
+    waiting messages come back from one call (one round trip), all of them right."""
+    import psycopg
+
+    writer = make_store({"coins": 0})
+    writer.load("k")
+    writer.update("k", set_coins(7), idempotency_key="rcpt-1")
+    writer.unload("k")
+    writer.send_message("k", {"gift": 1})
+    gifts: list[Any] = []
+
+    def handle(key: str, data: Any, message: Any) -> bool:
+        gifts.append(message)
+        return True
+
+    store = make_store({"coins": 0}, message_handler=handle)
+    sent: list[str] = []
+    execute = psycopg.Cursor.execute
+
+    loader = threading.get_ident()
+
+    def counting(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        if threading.get_ident() == loader:
+            sent.append(str(query))
+        return execute(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.Cursor, "execute", counting)
+    store.load("k")
+    monkeypatch.setattr(psycopg.Cursor, "execute", execute)
+    # Then, as the call said messages wait, the load fetches them: nothing else.
+    assert len(sent) == 2, sent
+    assert "lease_acquire_read" in sent[0]
+    assert sent[1].startswith("SELECT id") and ".messages WHERE" in sent[1], sent[1]
+    assert store.get("k") == {"coins": 7}
+    assert store.update("k", set_coins(8), idempotency_key="rcpt-1") is False
+    wait_until(lambda: gifts == [{"gift": 1}], 10.0, "the waiting message to be delivered")

@@ -218,3 +218,68 @@ def test_a_hot_key_in_constant_use_still_goes_to_the_process_that_asks(
         for thread, outcome in threads:
             thread.join(10)
             assert outcome == [None]
+
+
+def test_a_key_asked_for_during_its_final_save_goes_to_the_asker(
+    make_store: MakeStore, sql: Sql
+) -> None:
+    """A request that reaches the holder while the key's last block is saving it
+    is kept: the key passes to the asker, not released for anyone (the releaser's
+    next request included) to race for.
+
+    Before, such a request was dropped: a key used request after request
+    (worker processes serving one hot key) went back to the process that had
+    just released it, and a waiter waited up to its lock_timeout.
+    """
+    saving, go = threading.Event(), threading.Event()
+
+    def slow_last_save(key: str, data: Any, reason: str) -> None:
+        if reason == "unload":
+            saving.set()
+            go.wait(10)
+
+    busy = make_store(on_save=slow_last_save)
+    other = make_store(lock_timeout=5.0)
+
+    def request() -> None:
+        with busy.session("hot") as s:
+            s.update(inc)
+
+    exit_block, exited = in_thread(request)
+    assert saving.wait(10), "the block's final save started"
+    waiter, loaded = in_thread(lambda: other.load("hot"))
+    entry = busy._core.table.get("hot")
+    deadline = time.monotonic() + 10.0
+    while entry is not None and entry.wanted_by != other.holder:
+        assert time.monotonic() < deadline, "the request reached the saving holder and was kept"
+        time.sleep(0.01)
+    go.set()
+    exit_block.join(10)
+    assert exited == [None]
+    waiter.join(10)
+    assert loaded == [None]
+    assert busy.stats()["handoffs_out"] == 1
+    assert other.get("hot")["coins"] == 1
+
+
+def test_a_key_is_promised_to_the_process_that_has_waited_longest() -> None:
+    """A waiter names the token of the first lease in its way; smaller is earlier."""
+    from sessionstore._registry import KeyEntry, KeyState, KeyTable
+    from sessionstore._storage import leases
+
+    table = KeyTable(describe=repr)
+    entry = KeyEntry("k")
+    entry.state, entry.users = KeyState.LIVE, 1
+    late, early, unnamed = "a" * 36, "b" * 36, "c" * 36
+    assert table.want(entry, unnamed)
+    assert table.want(entry, late, 40)
+    assert table.want(entry, early, 12)
+    assert table.want(entry, late, 41)
+    assert table.want(entry, unnamed)
+    assert entry.wanted_by == early
+    parse = leases.parse_handoff_request
+    assert parse(f"{early}#12 a key with spaces") == leases.HandoffRequest(
+        early, "a key with spaces", 12
+    )
+    assert parse(f"{early} 12 k") == leases.HandoffRequest(early, "12 k", None)
+    assert parse(f"{early}#x k") is None

@@ -27,9 +27,10 @@ import psycopg
 import sqlalchemy as sa
 
 from ..db import driver_connection, driver_cursor
+from . import leases
 from .codec import CODEC_NAMES, EncodedFile, FileSettings, compress_stream, decode_file
 from .sql import LEASE_HELD, free_channel, one_lease
-from .types import LoadedKey, Retention, StoredVersion, VersionInfo, WriteResult
+from .types import LeaseInfo, LoadedKey, Retention, StoredVersion, VersionInfo, WriteResult
 
 __all__ = [
     "WriteItem",
@@ -138,6 +139,13 @@ class _Statements:
             "FROM (SELECT 1) AS one LEFT JOIN LATERAL ("
             f"SELECT * FROM {s}.versions v WHERE v.store = %(store)b AND v.key = %(key)b "
             "ORDER BY v.version DESC LIMIT 1) AS v ON true"
+        )
+        # The lease and the same reads in one call (revision 0005).
+        self.acquire_read = (
+            f"SELECT * FROM {s}.lease_acquire_read(%(store)b, %(key)b, CAST(%(holder)b AS uuid), "
+            "CAST(%(duration)b AS float8), %(host)b, CAST(%(pid)b AS integer), "
+            "CAST(%(liveness)b AS boolean), CAST(%(dead_holder)b AS uuid), "
+            "CAST(%(dead_token)b AS bigint), CAST(%(retention)b AS integer))"
         )
         # The newest version of many keys (a batch of offline edits, an
         # export), and with each key's newest applied ids for load_many.
@@ -572,6 +580,38 @@ def read_for_load(
         params = {"store": store, "key": key, "retention": retention}
         row = cursor.execute(statements(schema).read_for_load, params).fetchone()
     assert row is not None, "the statement always returns one row"
+    return _loaded(row, store, key)
+
+
+def acquire_for_load(
+    conn: sa.Connection,
+    schema: str,
+    store: str,
+    key: str,
+    holder: str,
+    duration: float,
+    *,
+    liveness: bool,
+    dead: LeaseInfo | None,
+    retention: int,
+) -> tuple[int, LoadedKey] | None:
+    """Take the key's lease (as ``leases.acquire``) and read what a load needs, in one call.
+
+    ``(token, what read_for_load reads)``, or None if the lease was not
+    taken. Revision 0005's ``lease_acquire_read``: one round trip.
+    """
+    params = {
+        **leases.acquire_params(store, key, holder, duration, liveness=liveness, dead=dead),
+        "retention": retention,
+    }
+    with driver_cursor(conn, binary=True) as cursor:
+        row = cursor.execute(statements(schema).acquire_read, params).fetchone()
+    if row is None:
+        return None
+    return int(row.lease_token), _loaded(row, store, key)
+
+
+def _loaded(row: Any, store: str, key: str) -> LoadedKey:
     stored = None
     if row.version is not None:
         stored = _stored(row, f"store {store!r} key {key!r} version {row.version}")

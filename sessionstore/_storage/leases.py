@@ -21,6 +21,8 @@ import functools
 import os
 import socket
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -30,9 +32,11 @@ from .types import LeaseInfo, Renewal
 
 __all__ = [
     "HOST",
+    "HandoffRequest",
     "LeaseStatements",
     "acquire",
     "acquire_many",
+    "acquire_params",
     "hand_over",
     "holder_alive",
     "info",
@@ -128,7 +132,16 @@ def acquire(
     dead: LeaseInfo | None = None,
 ) -> int | None:
     """Take the key's lease if free, expired, ours, or held by ``dead`` (still dead)."""
-    params = {
+    params = acquire_params(store, key, holder, duration, liveness=liveness, dead=dead)
+    token: int | None = conn.execute(lease_statements(schema).acquire, params).scalar()
+    return token
+
+
+def acquire_params(
+    store: str, key: str, holder: str, duration: float, *, liveness: bool, dead: LeaseInfo | None
+) -> dict[str, Any]:
+    """The parameters of ``lease_acquire`` (and of ``lease_acquire_read``, beside the retention)."""
+    return {
         "store": store,
         "key": key,
         "holder": holder,
@@ -139,8 +152,6 @@ def acquire(
         "dead_holder": dead.holder if dead is not None else None,
         "dead_token": dead.token if dead is not None else None,
     }
-    token: int | None = conn.execute(lease_statements(schema).acquire, params).scalar()
-    return token
 
 
 def acquire_many(
@@ -326,18 +337,33 @@ def holder_alive(conn: sa.Connection, schema: str, holder: str) -> bool:
     return bool(conn.execute(lease_statements(schema).alive, {"holder": holder}).scalar())
 
 
-def request_handoff(conn: sa.Connection, holder: str, key: str, requester: str) -> None:
+@dataclass(frozen=True)
+class HandoffRequest:
+    """Another process asks for a key (a NOTIFY on the holder's channel)."""
+
+    requester: str
+    key: str
+    waiting_since: int | None = None
+    """The token of the first lease the requester found in its way: waiters
+    that started earlier saw smaller tokens (one sequence for every key), so
+    the holder promises the key to the longest waiter without comparing clocks."""
+
+
+def request_handoff(
+    conn: sa.Connection, holder: str, key: str, requester: str, waiting_since: int | None = None
+) -> None:
     """Ask a live holder to hand ``key`` over to ``requester`` (it may refuse)."""
-    params = {"channel": holder_channel(holder), "payload": f"{requester} {key}"}
-    conn.execute(_NOTIFY, params)
+    head = requester if waiting_since is None else f"{requester}#{waiting_since}"
+    conn.execute(_NOTIFY, {"channel": holder_channel(holder), "payload": f"{head} {key}"})
 
 
-def parse_handoff_request(payload: str) -> tuple[str, str] | None:
-    """``(requester holder, key)`` from a handoff request's payload, or None if malformed."""
-    requester, _, key = payload.partition(" ")
-    if len(requester) != 36 or not key:
+def parse_handoff_request(payload: str) -> HandoffRequest | None:
+    """A handoff request's payload, ``requester[#waiting_since] key``; None if malformed."""
+    head, _, key = payload.partition(" ")
+    requester, mark, since = head[:36], head[36:37], head[37:]
+    if len(requester) != 36 or not key or (mark and (mark != "#" or not since.isdigit())):
         return None
-    return requester, key
+    return HandoffRequest(requester, key, int(since) if mark else None)
 
 
 _NOTIFY = sa.text("SELECT pg_notify(:channel, :payload)")

@@ -113,6 +113,25 @@ class Repository:
             ),
         )
 
+    def acquire_for_load(
+        self, key: str, duration: float, *, liveness: bool, dead: LeaseInfo | None
+    ) -> tuple[int, LoadedKey] | None:
+        """:meth:`acquire` and :meth:`read_for_load` in one call; None if not taken."""
+        return self.run(
+            "acquire lease",
+            lambda conn: files.acquire_for_load(
+                conn,
+                self.schema,
+                self.store,
+                key,
+                self.holder,
+                duration,
+                liveness=liveness,
+                dead=dead,
+                retention=self.request_retention,
+            ),
+        )
+
     def acquire_many(
         self, keys: Sequence[str], duration: float, *, liveness: bool
     ) -> dict[str, int]:
@@ -131,8 +150,11 @@ class Repository:
             "liveness check", lambda c: leases.holder_alive(c, self.schema, self.holder)
         )
 
-    def request_handoff(self, other: str, key: str) -> None:
-        self.run("request handoff", lambda c: leases.request_handoff(c, other, key, self.holder))
+    def request_handoff(self, other: str, key: str, waiting_since: int | None = None) -> None:
+        self.run(
+            "request handoff",
+            lambda c: leases.request_handoff(c, other, key, self.holder, waiting_since),
+        )
 
     def renew(self, held: Iterable[tuple[str, int]], duration: float, wait: float) -> Renewal:
         """One heartbeat; not retried (the next beat is the retry)."""

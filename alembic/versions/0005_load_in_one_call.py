@@ -1,0 +1,141 @@
+"""A load in one call, and lease acquisitions committed without waiting for the WAL flush.
+
+Revision ID: 0005
+Revises: 0004
+Create Date: 2026-12-02
+
+``lease_acquire_read`` takes a key's lease and, if taken, reads what a load
+needs (the newest version and its shards, the newest applied request ids,
+whether messages wait) in the same call: one round trip instead of two.
+
+``lease_acquire`` (and so ``lease_acquire_read``) now commits with
+``synchronous_commit = off`` unless the server names a synchronous standby
+(``synchronous_standby_names``): the call returns without waiting for its
+WAL record to reach the disk. That record need not survive a crash for
+anything to be safe: every write re-checks the lease row under a row lock
+in the same transaction as the write, and that write commits synchronously
+(docs/concepts.md). A lease whose acquisition a crash lost is a lost lease,
+fenced like any other: the holder's next save raises ``LockLostError``, and
+nothing it did in memory reaches the database. What the holder gains is the
+flush wait (about 0.3 ms on a local disk). With a synchronous standby the
+acquisition waits for it, as before, so that a failover keeps every lease
+it acknowledged. Releases, renewals and writes keep the server's setting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from alembic import op
+
+revision: str = "0005"
+down_revision: str | None = "0004"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+_ACQUIRE_ARGS = "text, text, uuid, float8, text, integer, boolean, uuid, bigint"
+_ACQUIRE_READ_ARGS = _ACQUIRE_ARGS + ", integer"
+
+
+def _schema() -> str:
+    schema = op.get_context().version_table_schema
+    assert schema, "env.py sets version_table_schema to the sessionstore schema"
+    return str(schema)
+
+
+def _acquire(s: str, commit: str) -> str:
+    # ``commit``: the statements that set how this call's transaction commits.
+    # The upserts compare with excluded.acquired_at (the statement's clock, in
+    # the row) rather than a variable: Citus cannot type a parameter in the ON
+    # CONFLICT condition of an INSERT ... SELECT.
+    return f"""
+CREATE OR REPLACE FUNCTION {s}.lease_acquire(
+    p_store text, p_key text, p_holder uuid, p_duration float8, p_host text, p_pid integer,
+    p_liveness boolean, p_dead_holder uuid, p_dead_token bigint) RETURNS bigint
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_now timestamptz := clock_timestamp();
+    v_dead boolean := p_dead_holder IS NOT NULL AND NOT {s}.holder_alive(p_dead_holder);
+    v_token bigint;
+BEGIN
+    {commit}
+    INSERT INTO {s}.locks AS l (store, key, holder, token, acquired_at, expires_at, host, pid,
+                                liveness)
+    VALUES (p_store, p_key, p_holder, nextval('{s}.lease_tokens'), v_now,
+            v_now + make_interval(secs => p_duration), p_host, p_pid, p_liveness)
+    ON CONFLICT (store, key) DO UPDATE
+        SET holder = excluded.holder, token = excluded.token,
+            acquired_at = excluded.acquired_at, expires_at = excluded.expires_at,
+            host = excluded.host, pid = excluded.pid, liveness = excluded.liveness
+        WHERE l.expires_at <= excluded.acquired_at OR l.holder = excluded.holder
+           OR (v_dead AND l.holder = p_dead_holder AND l.token = p_dead_token AND l.liveness)
+    RETURNING token INTO v_token;
+    RETURN v_token;
+END $$;
+"""
+
+
+# Only without a synchronous standby: an operator who named one wants what
+# commits to survive a failover, and a lease lost in a failover costs every
+# holder its keys at once. SET LOCAL, not set_config(): on Citus,
+# propagate_set_commands carries a SET LOCAL to the worker connections of
+# the transaction, whose commits are the ones that flush the lease row.
+_ASYNC = """IF current_setting('synchronous_standby_names') = '' THEN
+        SET LOCAL citus.propagate_set_commands = 'local';
+        SET LOCAL synchronous_commit = off;
+    END IF;"""
+
+
+def _acquire_read(s: str) -> str:
+    # No row: the lease was not taken. The reads name the key (never join on
+    # it), so on Citus each is a single-shard statement on the key's worker.
+    return f"""
+CREATE FUNCTION {s}.lease_acquire_read(
+    p_store text, p_key text, p_holder uuid, p_duration float8, p_host text, p_pid integer,
+    p_liveness boolean, p_dead_holder uuid, p_dead_token bigint, p_retention integer)
+RETURNS TABLE (lease_token bigint, version bigint, created_at timestamptz, codec smallint,
+               raw_size bigint, stored_size bigint, checksum bigint, shard_count integer,
+               migrations jsonb, token bigint, inline bytea, shards bytea[],
+               requests text[], has_messages boolean)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_token bigint := {s}.lease_acquire(p_store, p_key, p_holder, p_duration, p_host, p_pid,
+                                        p_liveness, p_dead_holder, p_dead_token);
+BEGIN
+    IF v_token IS NULL THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    SELECT v_token, v.version, v.created_at, v.codec, v.raw_size, v.stored_size, v.checksum,
+           v.shard_count, v.migrations, v.token, v.inline,
+           CASE WHEN v.shard_count > 0 THEN ARRAY(
+               SELECT sh.data FROM {s}.shards sh
+               WHERE sh.store = p_store AND sh.key = p_key AND sh.version = v.version
+               ORDER BY sh.idx) END,
+           ARRAY(SELECT r.request_id FROM {s}.applied_requests r
+                 WHERE r.store = p_store AND r.key = p_key
+                 ORDER BY r.version DESC, r.idx DESC LIMIT p_retention),
+           EXISTS (SELECT 1 FROM {s}.messages m WHERE m.store = p_store AND m.key = p_key)
+    FROM (SELECT 1) AS one LEFT JOIN LATERAL (
+        SELECT * FROM {s}.versions x WHERE x.store = p_store AND x.key = p_key
+        ORDER BY x.version DESC LIMIT 1) AS v ON true;
+END $$;
+"""
+
+
+FUNCTIONS = (("lease_acquire_read", _ACQUIRE_READ_ARGS),)
+"""The functions this revision adds, with their argument types."""
+
+
+def upgrade() -> None:
+    s = f'"{_schema()}"'
+    op.execute(_acquire(s, _ASYNC))
+    op.execute(_acquire_read(s))
+
+
+def downgrade() -> None:
+    s = f'"{_schema()}"'
+    op.execute(f"DROP FUNCTION {s}.lease_acquire_read({_ACQUIRE_READ_ARGS})")
+    op.execute(_acquire(s, ""))
