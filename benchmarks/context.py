@@ -2,9 +2,10 @@
 
 One :class:`Bench` per run. It owns a fresh schema ``bench_<hex>`` (dropped at
 the end) holding sessionstore's tables and the baselines' ``docs`` table
-(``key text primary key, doc jsonb``), hands out raw psycopg connections, a
-plain SQLAlchemy engine (baseline (b)), and Stores with timers long enough
-that no background heartbeat or autosave runs during a measurement.
+(``key text primary key, doc jsonb``) and ``docs_bytea`` (the same, ``doc
+bytea``: the single-key baselines' true minimum), hands out raw psycopg
+connections, a plain SQLAlchemy engine (baseline (b)), and Stores with timers
+long enough that no background heartbeat or autosave runs during a measurement.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class Sizes:
     """Sessions of the 'many sessions' scenarios (heartbeat, close, threads)."""
     close_repeats: int
     memory_sessions: int
+    huge: int
+    """Sessions of the 100,000-session scenario (``sessions100k``)."""
     hot_updates: int
     """Updates per thread in the hot-key scenario."""
     scale: float
@@ -53,6 +56,7 @@ class Sizes:
                 many=500,
                 close_repeats=3,
                 memory_sessions=200,
+                huge=5_000,
                 hot_updates=500,
                 scale=0.2,
             )
@@ -61,6 +65,7 @@ class Sizes:
             many=10_000,
             close_repeats=3,
             memory_sessions=10_000,  # the issue's scale: "10,000 loaded sessions"
+            huge=100_000,  # issue 15: "100,000 sessions"
             hot_updates=5_000,
             scale=1.0,
         )
@@ -107,6 +112,9 @@ class Bench:
         db.ensure_schema(self.engine, self.schema)
         with self.engine.begin() as conn:
             self.docs.create(conn)
+            # The single-key write baselines' table: the same shape, the bytes as bytea.
+            bytea = f"CREATE TABLE {self.table('docs_bytea')} (key text PRIMARY KEY, doc bytea)"
+            conn.execute(sa.text(bytea))
 
     # -- connections ---------------------------------------------------------------
 
@@ -131,15 +139,16 @@ class Bench:
     def fresh_name(self) -> str:
         return f"s{next(self._names)}"
 
+    def store_options(self, **options: Any) -> dict[str, Any]:
+        """The options of :meth:`store` (server, schema, quiet timers), over ``options``.
+
+        Plain values: a scenario passes them to the Stores of its child processes.
+        """
+        return {"dsn": self.dsn, "db_schema": self.schema, **_QUIET, **options}
+
     def store(self, template: Any, name: str | None = None, **options: Any) -> ss.Store:
         """A Store in the bench schema (a fresh name unless given); closed at teardown."""
-        store = ss.Store(
-            name or self.fresh_name(),
-            template,
-            dsn=self.dsn,
-            db_schema=self.schema,
-            **{**_QUIET, **options},
-        )
+        store = ss.Store(name or self.fresh_name(), template, **self.store_options(**options))
         self._stores.append(store)
         return store
 
