@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from . import migrations as migrations_module
@@ -51,22 +51,31 @@ class Loader:
         if not mine:
             return entry
         try:
-            token, acquired_at, loaded = self._acquire(entry, read=True)
+            token, acquired_at, read = self._acquire(entry, read=True)
         except BaseException as exc:
             core.table.fail_load(entry, exc)
             raise
-        return self._finish(entry, token, acquired_at, loaded)
+        return self._finish(entry, token, acquired_at, None, read)
 
     def _finish(
-        self, entry: KeyEntry, token: int, acquired_at: float, loaded: LoadedKey | None
+        self,
+        entry: KeyEntry,
+        token: int,
+        acquired_at: float,
+        loaded: LoadedKey | None,
+        read: Callable[[], LoadedKey] | None = None,
     ) -> KeyEntry:
-        """From the lease taken to LIVE: read (unless ``loaded``), build the session."""
+        """From the lease taken to LIVE: read (unless ``loaded``), build the session.
+
+        ``read``: the data the lease call brought back, checked here (where a
+        failure releases the lease); else it is read now.
+        """
         core, key = self._core, entry.key
         try:
             if not core.table.lease_taken(entry, token):
                 raise self._cancelled(entry)
             if loaded is None:
-                loaded = core.repo.read_for_load(key)
+                loaded = read() if read is not None else core.repo.read_for_load(key)
             session = self._read_session(entry, token, acquired_at, loaded)
             if core.config.changed_callbacks:
                 # The callbacks get the data when the load is done: build its
@@ -218,7 +227,7 @@ class Loader:
 
     def _acquire(
         self, entry: KeyEntry, *, read: bool = False
-    ) -> tuple[int, float, LoadedKey | None]:
+    ) -> tuple[int, float, Callable[[], LoadedKey] | None]:
         """Wait for the key's lease; ``(token, monotonic time of the winning attempt, data)``.
 
         With ``read``, the winning attempt also reads what the load needs
@@ -284,7 +293,7 @@ class Loader:
 
     def _try_acquire(
         self, key: str, dead: LeaseInfo | None, read: bool
-    ) -> tuple[int | None, LoadedKey | None]:
+    ) -> tuple[int | None, Callable[[], LoadedKey] | None]:
         """One attempt at the lease (and, with ``read``, the load's read in the same call)."""
         core, duration = self._core, self._core.config.lock_duration
         if not read:

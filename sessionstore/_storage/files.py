@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -594,11 +594,13 @@ def acquire_for_load(
     liveness: bool,
     dead: LeaseInfo | None,
     retention: int,
-) -> tuple[int, LoadedKey] | None:
+) -> tuple[int, Callable[[], LoadedKey]] | None:
     """Take the key's lease (as ``leases.acquire``) and read what a load needs, in one call.
 
-    ``(token, what read_for_load reads)``, or None if the lease was not
-    taken. Revision 0005's ``lease_acquire_read``: one round trip.
+    ``(token, a call that gives what read_for_load reads)``, or None if the
+    lease was not taken. Revision 0005's ``lease_acquire_read``: one round
+    trip. The call checks and decompresses the stored file: it may raise
+    :class:`CorruptDataError`, which the caller, holding the lease, handles.
     """
     params = {
         **leases.acquire_params(store, key, holder, duration, liveness=liveness, dead=dead),
@@ -608,7 +610,7 @@ def acquire_for_load(
         row = cursor.execute(statements(schema).acquire_read, params).fetchone()
     if row is None:
         return None
-    return int(row.lease_token), _loaded(row, store, key)
+    return int(row.lease_token), functools.partial(_loaded, row, store, key)
 
 
 def _loaded(row: Any, store: str, key: str) -> LoadedKey:

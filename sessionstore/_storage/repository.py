@@ -115,8 +115,11 @@ class Repository:
 
     def acquire_for_load(
         self, key: str, duration: float, *, liveness: bool, dead: LeaseInfo | None
-    ) -> tuple[int, LoadedKey] | None:
-        """:meth:`acquire` and :meth:`read_for_load` in one call; None if not taken."""
+    ) -> tuple[int, Callable[[], LoadedKey]] | None:
+        """:meth:`acquire` and :meth:`read_for_load` in one call; None if not taken.
+
+        The read comes back as a call that checks the stored file (it may raise
+        :class:`CorruptDataError`: the caller holds the lease then)."""
         return self.run(
             "acquire lease",
             lambda conn: files.acquire_for_load(
