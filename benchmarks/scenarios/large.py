@@ -23,7 +23,7 @@ import zstandard
 from ..context import Bench
 from ..documents import player_profile
 from ..results import Figure, Row, Target, compare
-from ..timing import Case, Spread, interleave
+from ..timing import Case, Spread, interleave, paired
 
 _TARGET = Target(">=", 0.5, "≥ 0.5x slower of zstd, raw")
 _THREADED = 8 * 1024 * 1024  # the store's threaded_compression_threshold
@@ -191,9 +191,28 @@ def _measure(bench: Bench, size: int, target: Target | None) -> list[Row]:
             )
         )
         if target is not None:
+            rows.append(_against_zstd("save", label, megabytes, saves, 0.8))
+            rows.append(_against_zstd("load", label, megabytes, loads, 0.9))
             rows.extend(_memory(store, label, len(raw), dirty))
     store.close()
     return rows
+
+
+def _against_zstd(
+    what: str, label: str, megabytes: float, spreads: list[Spread], floor: float
+) -> Row:
+    """The same samples as the ``what`` row, against plain zstd alone (issue 15's targets)."""
+    ours, zstd_t, _ = spreads
+    verb = "compress" if what == "save" else "decompress"
+    return Row(
+        "large",
+        f"{what} {label} vs zstd",
+        Figure.of(ours.map(lambda t: megabytes / t), "MB/s"),
+        Figure.of(zstd_t.map(lambda t: megabytes / t), "MB/s"),
+        f"plain zstd {verb} of the same bytes, in memory (the row above, its samples)",
+        Figure.of(paired(zstd_t, ours, lambda z, a: z / a), "x"),
+        Target(">=", floor, f"≥ {floor}x zstd"),
+    )
 
 
 def _peak(call: Callable[[], object]) -> int:
