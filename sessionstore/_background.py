@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from ._storage.leases import HandoffRequest
-from .frozen import decode, freeze_json
+from .frozen import frozen_view
 
 if TYPE_CHECKING:
     from ._core import StoreCore
@@ -191,7 +191,12 @@ class HandOver(_CoreTask):
         core = self.core()
         if core is None:
             return
-        if core.config.on_handoff_request is not None and not self.asked:
+        if core.table.get(self.key) is None:
+            # Not ours here (any more): maybe a lease handed to us after our
+            # load gave up, which goes back for the asker whatever the
+            # application would have said about a key it does not hold.
+            core.repo.release_unclaimed(self.key)
+        elif core.config.on_handoff_request is not None and not self.asked:
             core.lane.submit(AskHandoff(core, self.request))
         else:
             core.saver.hand_over(self.request)
@@ -268,7 +273,7 @@ class AfterSave(_CoreTask):
         if core is None or callback is None:
             return
         try:
-            callback(self.key, freeze_json(decode(self.encoded)), self.version)
+            callback(self.key, frozen_view(self.encoded), self.version)
         except Exception:
             core.log(logging.ERROR, self.key, "on_after_save raised", exc_info=True)
 

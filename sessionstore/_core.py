@@ -38,7 +38,7 @@ from ._storage.sql import free_channel, holder_channel, message_channel
 from ._tx import Transactions
 from .control import ControlConnection, libpq_url
 from .errors import SessionStoreError, StorageUnavailableError, StoreCloseError
-from .frozen import JSON, decode, freeze_json
+from .frozen import JSON, frozen_view
 from .retry import RetryPolicy, describe
 from .sched import Scheduler
 from .schema import make_validator
@@ -274,8 +274,8 @@ class StoreCore:
         """Fire changed callbacks for a committed change (frozen new and old data)."""
         if change is None or not self.config.changed_callbacks:
             return
-        new = session.data if session.encoded is change.new else freeze_json(decode(change.new))
-        self.fire_changed(session.key, new, freeze_json(decode(change.old)))
+        new = session.data if session.encoded is change.new else frozen_view(change.new)
+        self.fire_changed(session.key, new, frozen_view(change.old))
 
     def fire_changed(self, key: str, new: JSON, old: JSON) -> None:
         for callback in self.config.changed_callbacks:

@@ -23,7 +23,7 @@ from . import migrations as migrations_module
 from ._registry import KeyEntry, KeyState
 from ._storage import LeaseInfo, LoadedKey, StoredVersion
 from .errors import LoadCancelledError, LoadInProgressError, LockUnavailableError
-from .frozen import JSON, decode, freeze_json, thaw
+from .frozen import JSON, frozen_view, thaw
 from .retry import AttemptWithBackoff, RetryPolicy
 from .session import Session
 
@@ -356,8 +356,10 @@ class Loader:
         stored = core.repo.read(key)
         data = None
         if stored is not None:
-            encoded, _, _, plain = self.bring_forward(stored, key)
-            data = freeze_json(decode(encoded, stored.context) if plain is None else plain)
+            # Decoded afresh: ``plain`` went through the validator (user code),
+            # and a view takes ownership of what it wraps.
+            encoded, _, _, _ = self.bring_forward(stored, key)
+            data = frozen_view(encoded, stored.context)
         if cache is not None:
             with core.peek_lock:
                 cache[key] = (read_at, data)

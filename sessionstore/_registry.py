@@ -346,6 +346,9 @@ class KeyTable:
         with self._lock:
             if entry.state is KeyState.UNLOADING:
                 entry.state = KeyState.LIVE
+            # The key stays here: a promise made during the unload is off
+            # (blocks that wait for it would otherwise wait forever).
+            entry.wanted_by = entry.wanted_since = None
             self._changed.notify_all()
 
     def end_unloads(self, entries: Sequence[KeyEntry], *, reason: str = "unloaded") -> None:

@@ -336,24 +336,29 @@ class Saver:
         process that asked while the key was in use or being unloaded
         (``wanted_by``) gets it, and the rest are released.
         """
-        released = [
-            (session.key, session.token)
-            for session in done
-            if not self._handed_over(session, handoff_to or session.entry.wanted_by)
-        ]
+        released: list[tuple[str, int]] = []
+        failing = False  # after one handover fails (the database is away), only release
+        for session in done:
+            requester = handoff_to or session.entry.wanted_by
+            if requester is None or failing:
+                released.append((session.key, session.token))
+                continue
+            handed = self._handed_over(session, requester)
+            if handed is None:
+                failing = True
+            if not handed:
+                released.append((session.key, session.token))
         self._core.release_quietly(released)
 
-    def _handed_over(self, session: Session, requester: str | None) -> bool:
-        """Pass ``session``'s lease to ``requester``; False (release it) if that did not happen."""
-        if requester is None:
-            return False
+    def _handed_over(self, session: Session, requester: str) -> bool | None:
+        """Pass ``session``'s lease to ``requester``; False: not done (release it); None: failed."""
         core = self._core
         reserve = min(core.config.lock_duration, max(1.0, 2 * core.config.takeover_grace))
         try:
             handed = core.repo.hand_over(session.key, session.token, requester, reserve)
         except SessionStoreError as exc:
             core.log(logging.WARNING, session.key, "handover failed, releasing: %s", exc)
-            return False
+            return None
         if handed:
             core.stats.add("handoffs_out")
             core.log(logging.INFO, session.key, "handed over to another process")
@@ -369,11 +374,10 @@ class Saver:
         for session in started:
             error = errors.get(session.key)
             if error is not None and not isinstance(error, LockLostError | SessionClosedError):
-                core.table.unwant(session.entry)  # kept here: a promise to an asker is off
                 core.table.end_unload(session.entry, done=False)
                 continue
             core.rules.views.forget(session)
-            if tombstone:
+            if tombstone and error is None:
                 core.table.close(session.entry, "handed over to another process")
             else:
                 gone.append(session.entry)
@@ -416,17 +420,18 @@ class Saver:
         if self.may_hand_over(key):
             self.hand_over_now(entry, request.requester)
 
-    def hand_over_now(self, entry: KeyEntry, requester: str) -> None:
+    def hand_over_now(self, entry: KeyEntry, requester: str) -> Exception | None:
+        """Final save, then the lease to ``requester``; the save's error (the key kept), or None."""
         core = self._core
         errors = self.unload([entry], handoff_to=requester)
-        if entry.key in errors:
+        error = errors.get(entry.key)
+        if error is not None:
             core.table.unwant(entry)
-            core.log(
-                logging.WARNING, entry.key, "handoff failed, keeping the key: %s", errors[entry.key]
-            )
-            return
+            core.log(logging.WARNING, entry.key, "handoff failed, keeping the key: %s", error)
+            return error
         if entry.state is KeyState.CLOSED:
             core.leases.tell_lost(entry.key)
+        return None
 
     # -- erase -------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ document at the limit fits comfortably within Python's recursion limit).
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, ItemsView, Iterator, Mapping, ValuesView
 from typing import Any, NoReturn, SupportsIndex
 
@@ -40,6 +41,7 @@ __all__ = [
     "encode_with_copy",
     "freeze",
     "freeze_json",
+    "frozen_view",
     "thaw",
 ]
 
@@ -138,7 +140,7 @@ class FrozenDict(dict[str, Any]):
         return self
 
     def __reduce__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
-        return (_make_frozen_dict, (dict(_dict_items(self)),))
+        return (_make_frozen_dict, (dict(_dict_items(_settle_dict(self))),))
 
     def __repr__(self) -> str:
         return f"FrozenDict({dict.__repr__(_settle_dict(self))})"
@@ -164,8 +166,10 @@ class FrozenList(list[Any]):
     sort = _read_only
 
     def __getitem__(self, index: Any) -> Any:
-        if type(index) is slice:
-            return [self[position] for position in range(len(self))[index]]
+        if type(index) is not int:
+            if type(index) is slice:
+                return [self[position] for position in range(len(self))[index]]
+            index = operator.index(index)  # once: the read and the write-back agree
         item = _list_get(self, index)
         kind = type(item)
         if kind is dict:
@@ -187,12 +191,16 @@ class FrozenList(list[Any]):
         return list(_list_iter(_settle_list(self)))
 
     def __add__(self, other: Any) -> list[Any]:
+        if type(other) is FrozenList:
+            _settle_list(other)  # list.__add__ copies its storage too
         return list.__add__(_settle_list(self), other)
 
-    def __radd__(self, other: Any) -> list[Any]:
-        if not isinstance(other, list):
-            return NotImplemented
-        return list.__add__(other, _settle_list(self))
+    def __radd__(self, other: Any) -> Any:
+        # Settle, then let Python go on as without this method: ``plain +
+        # view`` concatenates and ``plain += view`` extends ``plain`` in
+        # place, both from the now frozen storage.
+        _settle_list(self)
+        return NotImplemented
 
     def __mul__(self, count: SupportsIndex) -> list[Any]:
         return list.__mul__(_settle_list(self), count)
@@ -209,7 +217,7 @@ class FrozenList(list[Any]):
         return self
 
     def __reduce__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
-        return (FrozenList, (list(_list_iter(self)),))
+        return (FrozenList, (list(_list_iter(_settle_list(self))),))
 
     def __repr__(self) -> str:
         return f"FrozenList({list.__repr__(_settle_list(self))})"
@@ -315,8 +323,29 @@ def _freeze(value: Any, path: str, depth: int, active: set[int]) -> Any:
     return frozen
 
 
+LAZY_VIEW_THRESHOLD = 64 * 1024
+"""JSON bytes above which a document's frozen view is lazy (docs/large-documents.md).
+
+Smaller documents are frozen whole when their view is built (about 2.5x
+the parse: 18 us for 2 KB): every container is frozen, also for C code
+that reads a dict's or list's storage directly (pydantic-core, msgspec).
+Larger ones are frozen as they are read, so that a first read costs about
+the parse."""
+
+
+def frozen_view(
+    raw: bytes | bytearray | memoryview, context: str | Callable[[], str] = "document"
+) -> Any:
+    """The frozen data of a document's JSON bytes: whole, or lazy above :data:`LAZY_VIEW_THRESHOLD`.
+
+    Bytes that do not parse raise :class:`CorruptDataError` (see :func:`decode`).
+    """
+    value = decode(raw, context)
+    return freeze_json(value) if len(raw) > LAZY_VIEW_THRESHOLD else _freeze_whole(value)
+
+
 def freeze_json(value: Any) -> Any:
-    """The frozen view of data known to be JSON (fresh from :func:`decode`): no checks.
+    """The lazy frozen view of data known to be JSON (fresh from :func:`decode`): no checks.
 
     O(size of the top container): the view freezes nested containers as
     they are read (see :class:`FrozenDict`), and takes ownership of
@@ -328,6 +357,61 @@ def freeze_json(value: Any) -> Any:
     if kind is list:
         return FrozenList(value)
     return value
+
+
+def _freeze_whole(value: Any) -> Any:
+    """Every container of ``value`` (known JSON, owned) frozen now; any depth."""
+    kind = type(value)
+    try:
+        if kind is dict:
+            return _freeze_dict(value)
+        if kind is list:
+            return _freeze_list(value)
+    except RecursionError:  # deeper than the stack (JSON another writer stored)
+        return _freeze_deep(value)
+    return value
+
+
+def _freeze_deep(value: Any) -> Any:
+    """:func:`_freeze_whole` without recursion: each view, then its children, from a stack."""
+    root = freeze_json(value)
+    pending = [root]
+    while pending:
+        frozen = pending.pop()
+        children = _settle_dict(frozen).values() if type(frozen) is FrozenDict else frozen
+        pending.extend(child for child in children if type(child) in _VIEWS)
+    return root
+
+
+_VIEWS = (FrozenDict, FrozenList)
+
+
+# The two walkers test each child's type inline instead of recursing into
+# every scalar: a call per container, not per value. A dict is copied whole
+# in C and only its container values are replaced (through dict's own
+# __setitem__, as FrozenDict refuses); a list is rebuilt by a comprehension.
+def _freeze_dict(value: dict[str, Any]) -> FrozenDict:
+    out = FrozenDict(value)
+    for name, item in value.items():
+        kind = type(item)
+        if kind is dict:
+            _dict_set(out, name, _freeze_dict(item))
+        elif kind is list:
+            _dict_set(out, name, _freeze_list(item))
+    return out
+
+
+def _freeze_list(value: list[Any]) -> FrozenList:
+    return FrozenList(
+        [
+            _freeze_dict(item)
+            if type(item) is dict
+            else _freeze_list(item)
+            if type(item) is list
+            else item
+            for item in value
+        ]
+    )
 
 
 _CONTAINERS = frozenset({dict, FrozenDict, list, FrozenList, tuple})

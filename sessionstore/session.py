@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 from ._registry import KeyEntry, KeyState
 from ._storage.types import PendingWrite
 from .errors import InvalidDataError, SessionClosedError, TransformError
-from .frozen import decode, encode, encode_with_copy, freeze_json
+from .frozen import decode, encode, encode_with_copy, frozen_view
 from .queue import KeyQueue
 from .schema import Validator, accept_any
 
@@ -237,7 +237,7 @@ class Session:
         view = self._view
         if view is not None and view[0] is encoded:
             return view[1]
-        frozen = freeze_json(self.decode(encoded))
+        frozen = frozen_view(encoded, lambda: f"{self._context()} version {self.version}")
         self._view = (encoded, frozen)
         self.rules.views.admit(self)
         return frozen

@@ -41,7 +41,7 @@ from .errors import (
     TransformError,
     VersionNotFoundError,
 )
-from .frozen import JSON, check_key, freeze_json
+from .frozen import JSON, check_key, frozen_view
 from .migrations import MigrationStep
 from .retry import RetryPolicy
 from .schema import SchemaLike
@@ -228,7 +228,9 @@ class Store(BatchMethods[T], Generic[T]):
         finally:
             last, handoff_to = core.table.leave(entry)
             if handoff_to is not None:
-                core.saver.hand_over_now(entry, handoff_to)
+                error = core.saver.hand_over_now(entry, handoff_to)
+                if error is not None:
+                    raise error  # the request's change is not saved: it must not succeed
             elif last:
                 errors = core.saver.unload([entry], last_user=True)
                 if key in errors:
@@ -519,7 +521,7 @@ class Store(BatchMethods[T], Generic[T]):
         stored = core.repo.read(key, _args.check_version(version, core.describe(key)))
         if stored is None:
             raise VersionNotFoundError(f"store {self.name!r} key {key!r} has no version {version}")
-        return freeze_json(stored.decode()), stored.info
+        return frozen_view(stored.raw, stored.context), stored.info
 
     def restore(self, key: str, version: int) -> None:
         """Make an old version of a loaded key current again, saved as a new version."""

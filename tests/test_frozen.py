@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 import sessionstore as ss
-from sessionstore.frozen import encode, freeze_json
+from sessionstore.frozen import LAZY_VIEW_THRESHOLD, encode, freeze_json
 
 TEMPLATE = {"coins": 0, "inventory": []}
 DOC = {
@@ -196,6 +196,7 @@ CHILD_ROUTES: dict[str, Callable[[Any], Any]] = {
     "list reversed": lambda d: next(reversed(d["tags"])),
     "list copy": lambda d: d["tags"].copy()[2],
     "list add": lambda d: (d["tags"] + [])[2],
+    "list add views": lambda d: ([1] + d["tags"] + d["tags"])[6],
     "list radd": lambda d: ([] + d["tags"])[2],
     "list mul": lambda d: (d["tags"] * 2)[5],
     "list rmul": lambda d: (2 * d["tags"])[5],
@@ -206,15 +207,42 @@ CHILD_ROUTES: dict[str, Callable[[Any], Any]] = {
 
 
 @pytest.mark.parametrize("route", CHILD_ROUTES.values(), ids=list(CHILD_ROUTES))
-def test_every_route_to_a_child_gives_a_frozen_one(store: ss.Store, route: Any) -> None:
-    store.load("k")
-    store.update_immutable("k", lambda d: DOC)
-    view = store.get("k")
+def test_every_route_to_a_child_gives_a_frozen_one(route: Any) -> None:
+    view = freeze_json(orjson.loads(orjson.dumps(DOC)))  # lazy: no child read yet
     child = route(view)
     assert isinstance(child, (ss.FrozenDict, ss.FrozenList)), type(child)
     with pytest.raises(TypeError):
         child.clear()
-    assert store.get("k") == DOC
+    assert view == DOC
+
+
+def test_adding_views_and_extending_a_list_by_one() -> None:
+    view = freeze_json(orjson.loads(orjson.dumps({"a": [{"x": 1}], "b": [{"y": 2}]})))
+    both = view["a"] + view["b"]
+    assert [type(item) for item in both] == [ss.FrozenDict, ss.FrozenDict]
+    plain: list[Any] = [0]
+    alias = plain
+    plain += view["b"]  # extends in place, as for any list
+    assert plain is alias and plain == [0, {"y": 2}]
+    assert type(plain[1]) is ss.FrozenDict
+
+
+def test_small_documents_are_frozen_whole_large_ones_lazily(store: ss.Store) -> None:
+    """C code that reads a dict's storage (pydantic-core, msgspec) sees frozen
+    containers in a small document; a large one's view freezes as it is read
+    (docs/large-documents.md)."""
+    store.load("small")
+    store.update_immutable("small", lambda d: DOC)
+    small = store.get("small")
+    assert type(dict.__getitem__(small, "nested")) is ss.FrozenDict
+    big = {**DOC, "pad": ["x" * 100] * (LAZY_VIEW_THRESHOLD // 100)}
+    store.load("big")
+    store.update_immutable("big", lambda d: big)
+    view = store.get("big")
+    assert type(dict.__getitem__(view, "nested")) is dict, "not read yet"
+    assert type(view["nested"]) is ss.FrozenDict
+    assert type(dict.__getitem__(view, "nested")) is ss.FrozenDict, "frozen once read"
+    assert view == big
 
 
 def test_views_are_read_in_place_and_then_shared() -> None:

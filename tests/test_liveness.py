@@ -283,3 +283,49 @@ def test_a_key_is_promised_to_the_process_that_has_waited_longest() -> None:
     )
     assert parse(f"{early} 12 k") == leases.HandoffRequest(early, "12 k", None)
     assert parse(f"{early}#x k") is None
+    assert parse(f"{early}#\u00b2 k") is None  # a digit to str.isdigit, not to int()
+
+
+def test_a_failed_final_save_of_a_promised_key_fails_the_request(
+    make_store: MakeStore, sql: Sql
+) -> None:
+    """The last block out of a key promised to another process: if its final
+    save fails (here: the lease was stolen meanwhile), the ``with`` raises,
+    as it does without a promise; the request's change was not saved.
+
+    Before, the handoff path logged the error and the block exited as if
+    the change were durable."""
+    busy = make_store()
+    other = make_store(lock_timeout=1.0)
+    inside, leave = threading.Event(), threading.Event()
+
+    def request() -> None:
+        with busy.session("hot") as s:
+            s.update(inc)
+            inside.set()
+            leave.wait(10)
+
+    block, outcome = in_thread(request)
+    assert inside.wait(10)
+    waiter, loaded = in_thread(lambda: other.load("hot"))
+    entry = busy._core.table.get("hot")
+    deadline = time.monotonic() + 10.0
+    while entry is not None and entry.wanted_by != other.holder:
+        assert time.monotonic() < deadline, "the request reached the holder"
+        time.sleep(0.01)
+    sql.steal("hot")
+    leave.set()
+    block.join(10)
+    assert len(outcome) == 1 and isinstance(outcome[0], ss.LockLostError), outcome
+    waiter.join(10)
+
+
+def test_an_unload_that_fails_drops_the_promise_made_during_it() -> None:
+    from sessionstore._registry import KeyEntry, KeyState, KeyTable
+
+    table = KeyTable(describe=repr)
+    entry = KeyEntry("k")
+    entry.state = KeyState.UNLOADING
+    assert table.want(entry, "a" * 36, 5)
+    table.end_unload(entry, done=False)
+    assert entry.state is KeyState.LIVE and entry.wanted_by is None

@@ -5,8 +5,9 @@ Revises: 0004
 Create Date: 2026-12-02
 
 ``lease_acquire_read`` takes a key's lease and, if taken, reads what a load
-needs (the newest version and its shards, the newest applied request ids,
-whether messages wait) in the same call: one round trip instead of two.
+needs (the newest version, the newest applied request ids, whether messages
+wait) in the same call: one round trip instead of two. A sharded version's
+shards, and on Citus the whole read, stay one statement of the caller's.
 
 ``lease_acquire`` (and so ``lease_acquire_read``) now commits with
 ``synchronous_commit = off`` unless the server names a synchronous standby
@@ -25,6 +26,8 @@ it acknowledged. Releases, renewals and writes keep the server's setting.
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+import sqlalchemy as sa
 
 from alembic import op
 
@@ -76,9 +79,12 @@ END $$;
 """
 
 
-# Only without a synchronous standby: an operator who named one wants what
-# commits to survive a failover, and a lease lost in a failover costs every
-# holder its keys at once. SET LOCAL, not set_config(): on Citus,
+# The SET LOCALs last to the end of the caller's transaction: every caller
+# is one autocommit statement (the lease call of a load), never a
+# transaction that goes on to write data. Only without a synchronous
+# standby: an operator who named one wants what commits to survive a
+# failover, and a lease lost in a failover costs every holder its keys at
+# once. SET LOCAL, not set_config(): on Citus,
 # propagate_set_commands carries a SET LOCAL to the worker connections of
 # the transaction, whose commits are the ones that flush the lease row.
 _ASYNC = """IF current_setting('synchronous_standby_names') = '' THEN
@@ -87,17 +93,42 @@ _ASYNC = """IF current_setting('synchronous_standby_names') = '' THEN
     END IF;"""
 
 
-def _acquire_read(s: str) -> str:
-    # No row: the lease was not taken. The reads name the key (never join on
-    # it), so on Citus each is a single-shard statement on the key's worker.
+_READ_COLUMNS = """lease_token bigint, complete boolean, version bigint, created_at timestamptz,
+               codec smallint, raw_size bigint, stored_size bigint, checksum bigint,
+               shard_count integer, migrations jsonb, token bigint, inline bytea,
+               shards bytea[], requests text[], has_messages boolean"""
+
+
+def _acquire_read(s: str, citus: bool) -> str:
+    # No row: the lease was not taken. ``complete`` false: the caller reads
+    # the rest itself, in one more statement on the same connection: for a
+    # sharded version (its shards are MBs, which RETURN QUERY would copy
+    # into a tuplestore, on disk past work_mem) and always on Citus, where
+    # each of the reads below would be a round trip from the coordinator to
+    # the key's worker while the caller's own read is one routed statement.
+    if citus:
+        body = (
+            "RETURN QUERY SELECT v_token, false, NULL::bigint, NULL::timestamptz, "
+            "NULL::smallint, NULL::bigint, NULL::bigint, NULL::bigint, NULL::integer, "
+            "NULL::jsonb, NULL::bigint, NULL::bytea, NULL::bytea[], NULL::text[], NULL::boolean;"
+        )
+    else:
+        body = f"""RETURN QUERY
+    SELECT v_token, coalesce(v.shard_count, 0) = 0, v.version, v.created_at, v.codec,
+           v.raw_size, v.stored_size, v.checksum, v.shard_count, v.migrations, v.token,
+           v.inline, NULL::bytea[],
+           ARRAY(SELECT r.request_id FROM {s}.applied_requests r
+                 WHERE r.store = p_store AND r.key = p_key
+                 ORDER BY r.version DESC, r.idx DESC LIMIT p_retention),
+           EXISTS (SELECT 1 FROM {s}.messages m WHERE m.store = p_store AND m.key = p_key)
+    FROM (SELECT 1) AS one LEFT JOIN LATERAL (
+        SELECT * FROM {s}.versions x WHERE x.store = p_store AND x.key = p_key
+        ORDER BY x.version DESC LIMIT 1) AS v ON true;"""
     return f"""
 CREATE FUNCTION {s}.lease_acquire_read(
     p_store text, p_key text, p_holder uuid, p_duration float8, p_host text, p_pid integer,
     p_liveness boolean, p_dead_holder uuid, p_dead_token bigint, p_retention integer)
-RETURNS TABLE (lease_token bigint, version bigint, created_at timestamptz, codec smallint,
-               raw_size bigint, stored_size bigint, checksum bigint, shard_count integer,
-               migrations jsonb, token bigint, inline bytea, shards bytea[],
-               requests text[], has_messages boolean)
+RETURNS TABLE ({_READ_COLUMNS})
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
@@ -107,22 +138,16 @@ BEGIN
     IF v_token IS NULL THEN
         RETURN;
     END IF;
-    RETURN QUERY
-    SELECT v_token, v.version, v.created_at, v.codec, v.raw_size, v.stored_size, v.checksum,
-           v.shard_count, v.migrations, v.token, v.inline,
-           CASE WHEN v.shard_count > 0 THEN ARRAY(
-               SELECT sh.data FROM {s}.shards sh
-               WHERE sh.store = p_store AND sh.key = p_key AND sh.version = v.version
-               ORDER BY sh.idx) END,
-           ARRAY(SELECT r.request_id FROM {s}.applied_requests r
-                 WHERE r.store = p_store AND r.key = p_key
-                 ORDER BY r.version DESC, r.idx DESC LIMIT p_retention),
-           EXISTS (SELECT 1 FROM {s}.messages m WHERE m.store = p_store AND m.key = p_key)
-    FROM (SELECT 1) AS one LEFT JOIN LATERAL (
-        SELECT * FROM {s}.versions x WHERE x.store = p_store AND x.key = p_key
-        ORDER BY x.version DESC LIMIT 1) AS v ON true;
+    {body}
 END $$;
 """
+
+
+def _has_citus() -> bool:
+    found = op.get_bind().execute(
+        sa.text("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus')")
+    )
+    return bool(found.scalar())
 
 
 FUNCTIONS = (("lease_acquire_read", _ACQUIRE_READ_ARGS),)
@@ -132,7 +157,7 @@ FUNCTIONS = (("lease_acquire_read", _ACQUIRE_READ_ARGS),)
 def upgrade() -> None:
     s = f'"{_schema()}"'
     op.execute(_acquire(s, _ASYNC))
-    op.execute(_acquire_read(s))
+    op.execute(_acquire_read(s, _has_citus()))
 
 
 def downgrade() -> None:

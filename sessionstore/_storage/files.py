@@ -594,13 +594,16 @@ def acquire_for_load(
     liveness: bool,
     dead: LeaseInfo | None,
     retention: int,
-) -> tuple[int, Callable[[], LoadedKey]] | None:
+) -> tuple[int, Callable[[], LoadedKey] | None] | None:
     """Take the key's lease (as ``leases.acquire``) and read what a load needs, in one call.
 
     ``(token, a call that gives what read_for_load reads)``, or None if the
     lease was not taken. Revision 0005's ``lease_acquire_read``: one round
-    trip. The call checks and decompresses the stored file: it may raise
-    :class:`CorruptDataError`, which the caller, holding the lease, handles.
+    trip. For a sharded version, and on Citus, the call is None: the caller
+    reads with ``read_for_load`` once it holds the lease (so that a failed
+    read releases it). The call checks and decompresses the stored file: it
+    may raise :class:`CorruptDataError`, which the caller, holding the lease,
+    handles.
     """
     params = {
         **leases.acquire_params(store, key, holder, duration, liveness=liveness, dead=dead),
@@ -610,6 +613,8 @@ def acquire_for_load(
         row = cursor.execute(statements(schema).acquire_read, params).fetchone()
     if row is None:
         return None
+    if not row.complete:  # a sharded version, or Citus: read_for_load it is
+        return int(row.lease_token), None
     return int(row.lease_token), functools.partial(_loaded, row, store, key)
 
 

@@ -352,18 +352,30 @@ class HandoffRequest:
 def request_handoff(
     conn: sa.Connection, holder: str, key: str, requester: str, waiting_since: int | None = None
 ) -> None:
-    """Ask a live holder to hand ``key`` over to ``requester`` (it may refuse)."""
-    head = requester if waiting_since is None else f"{requester}#{waiting_since}"
-    conn.execute(_NOTIFY, {"channel": holder_channel(holder), "payload": f"{head} {key}"})
+    """Ask a live holder to hand ``key`` over to ``requester`` (it may refuse).
+
+    With ``waiting_since``, two notifications: the plain request first, which
+    a holder running a release before ``waiting_since`` existed understands
+    (during a rolling deploy), then the one that carries the place in the
+    queue; a newer holder takes both as one request.
+    """
+    channel, plain = holder_channel(holder), f"{requester} {key}"
+    if waiting_since is None:
+        conn.execute(_NOTIFY, {"channel": channel, "payload": plain})
+        return
+    placed = f"{requester}#{waiting_since} {key}"
+    conn.execute(_NOTIFY_TWICE, {"channel": channel, "plain": plain, "placed": placed})
 
 
 def parse_handoff_request(payload: str) -> HandoffRequest | None:
     """A handoff request's payload, ``requester[#waiting_since] key``; None if malformed."""
     head, _, key = payload.partition(" ")
     requester, mark, since = head[:36], head[36:37], head[37:]
-    if len(requester) != 36 or not key or (mark and (mark != "#" or not since.isdigit())):
+    valid_since = since.isascii() and since.isdigit()
+    if len(requester) != 36 or not key or (mark and (mark != "#" or not valid_since)):
         return None
     return HandoffRequest(requester, key, int(since) if mark else None)
 
 
 _NOTIFY = sa.text("SELECT pg_notify(:channel, :payload)")
+_NOTIFY_TWICE = sa.text("SELECT pg_notify(:channel, :plain), pg_notify(:channel, :placed)")

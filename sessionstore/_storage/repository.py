@@ -115,7 +115,7 @@ class Repository:
 
     def acquire_for_load(
         self, key: str, duration: float, *, liveness: bool, dead: LeaseInfo | None
-    ) -> tuple[int, Callable[[], LoadedKey]] | None:
+    ) -> tuple[int, Callable[[], LoadedKey] | None] | None:
         """:meth:`acquire` and :meth:`read_for_load` in one call; None if not taken.
 
         The read comes back as a call that checks the stored file (it may raise
