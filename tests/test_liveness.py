@@ -307,7 +307,7 @@ def test_a_failed_final_save_of_a_promised_key_fails_the_request(
 
     block, outcome = in_thread(request)
     assert inside.wait(10)
-    waiter, loaded = in_thread(lambda: other.load("hot"))
+    waiter, _ = in_thread(lambda: other.load("hot"))
     entry = busy._core.table.get("hot")
     deadline = time.monotonic() + 10.0
     while entry is not None and entry.wanted_by != other.holder:
