@@ -99,14 +99,10 @@ class FrozenDict(dict[str, Any]):
 
     def __getitem__(self, name: str) -> Any:
         item = _dict_get(self, name)
-        kind = type(item)
-        if kind is dict:
-            item = FrozenDict(item)
-            _dict_set(self, name, item)
-        elif kind is list:
-            item = FrozenList(item)
-            _dict_set(self, name, item)
-        return item
+        view = freeze_json(item)
+        if view is not item:
+            _dict_set(self, name, view)
+        return view
 
     def get(self, name: str, default: Any = None) -> Any:
         return self[name] if dict.__contains__(self, name) else default
@@ -171,14 +167,10 @@ class FrozenList(list[Any]):
                 return [self[position] for position in range(len(self))[index]]
             index = operator.index(index)  # once: the read and the write-back agree
         item = _list_get(self, index)
-        kind = type(item)
-        if kind is dict:
-            item = FrozenDict(item)
-            _list_set(self, index, item)
-        elif kind is list:
-            item = FrozenList(item)
-            _list_set(self, index, item)
-        return item
+        view = freeze_json(item)
+        if view is not item:
+            _list_set(self, index, view)
+        return view
 
     def __iter__(self) -> Iterator[Any]:
         return _list_iter(_settle_list(self))
@@ -231,11 +223,9 @@ def _settle_dict(frozen: FrozenDict) -> FrozenDict:
     """
     if not hasattr(frozen, "_settled"):
         for name, item in _dict_items(frozen):
-            kind = type(item)
-            if kind is dict:
-                _dict_set(frozen, name, FrozenDict(item))
-            elif kind is list:
-                _dict_set(frozen, name, FrozenList(item))
+            view = freeze_json(item)
+            if view is not item:
+                _dict_set(frozen, name, view)
         frozen._settled = True
     return frozen
 
@@ -244,11 +234,9 @@ def _settle_list(frozen: FrozenList) -> FrozenList:
     """:func:`_settle_dict` for a list."""
     if not hasattr(frozen, "_settled"):
         for index, item in enumerate(_list_iter(frozen)):
-            kind = type(item)
-            if kind is dict:
-                _list_set(frozen, index, FrozenDict(item))
-            elif kind is list:
-                _list_set(frozen, index, FrozenList(item))
+            view = freeze_json(item)
+            if view is not item:
+                _list_set(frozen, index, view)
         frozen._settled = True
     return frozen
 

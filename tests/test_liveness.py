@@ -15,7 +15,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import Sql, in_thread
+from conftest import Sql, in_thread, wait_until
 
 import sessionstore as ss
 from sessionstore._storage.sql import free_channel
@@ -220,6 +220,15 @@ def test_a_hot_key_in_constant_use_still_goes_to_the_process_that_asks(
             assert outcome == [None]
 
 
+def wait_promised(holder: ss.Store, key: str, asker: ss.Store) -> None:
+    """Wait until ``holder`` has promised ``key`` to ``asker`` (its request reached it)."""
+    entry = holder._core.table.get(key)
+    assert entry is not None, f"{key!r} is loaded in the holder"
+    wait_until(
+        lambda: entry.wanted_by == asker.holder, 10.0, "the request to reach the holder, kept"
+    )
+
+
 def test_a_key_asked_for_during_its_final_save_goes_to_the_asker(
     make_store: MakeStore, sql: Sql
 ) -> None:
@@ -248,11 +257,7 @@ def test_a_key_asked_for_during_its_final_save_goes_to_the_asker(
     exit_block, exited = in_thread(request)
     assert saving.wait(10), "the block's final save started"
     waiter, loaded = in_thread(lambda: other.load("hot"))
-    entry = busy._core.table.get("hot")
-    deadline = time.monotonic() + 10.0
-    while entry is not None and entry.wanted_by != other.holder:
-        assert time.monotonic() < deadline, "the request reached the saving holder and was kept"
-        time.sleep(0.01)
+    wait_promised(busy, "hot", other)
     go.set()
     exit_block.join(10)
     assert exited == [None]
@@ -308,11 +313,7 @@ def test_a_failed_final_save_of_a_promised_key_fails_the_request(
     block, outcome = in_thread(request)
     assert inside.wait(10)
     waiter, _ = in_thread(lambda: other.load("hot"))
-    entry = busy._core.table.get("hot")
-    deadline = time.monotonic() + 10.0
-    while entry is not None and entry.wanted_by != other.holder:
-        assert time.monotonic() < deadline, "the request reached the holder"
-        time.sleep(0.01)
+    wait_promised(busy, "hot", other)
     sql.steal("hot")
     leave.set()
     block.join(10)

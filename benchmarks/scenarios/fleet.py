@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import queue
 import statistics
 import time
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ import sessionstore as ss
 from ..context import Bench
 from ..documents import bump, player_profile
 from ..results import Figure, Row, Target
+from ._children import expect
 from ._raw import chunks
 
 PROCESSES = 4
@@ -83,17 +83,6 @@ def _worker(
         raise
 
 
-def _expect(ready: Queue[Any], what: str, timeout: float) -> Any:
-    """The next payload a child sent, which must be ``what``."""
-    try:
-        kind, pid, payload = ready.get(timeout=timeout)
-    except queue.Empty:
-        raise AssertionError(f"fleet: no child process said {what!r} in {timeout:g} s") from None
-    if kind != what:
-        raise AssertionError(f"fleet: child {pid} failed: {payload}")
-    return payload
-
-
 def _fleet(bench: Bench, processes: int, per_process: int, seconds: float) -> dict[str, Any]:
     """Run ``processes`` workers together; their latencies, passes, and checked counts."""
     context = multiprocessing.get_context("spawn")
@@ -110,9 +99,9 @@ def _fleet(bench: Bench, processes: int, per_process: int, seconds: float) -> di
         worker.start()
     try:
         for _ in workers:
-            _expect(ready, "ready", 120.0)
+            expect(ready, "ready", 120.0, "fleet")
         start.set()
-        results = [_expect(ready, "done", seconds + 120.0) for _ in workers]
+        results = [expect(ready, "done", seconds + 120.0, "fleet")[1] for _ in workers]
     finally:
         for worker in workers:
             worker.join(60)

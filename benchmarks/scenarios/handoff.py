@@ -18,7 +18,6 @@ import bisect
 import itertools
 import multiprocessing
 import os
-import queue
 import statistics
 import time
 from collections import Counter
@@ -30,6 +29,7 @@ import sessionstore as ss
 
 from ..context import Bench
 from ..results import Figure, Row, Target
+from ._children import expect
 
 PROCESSES = 3
 _KEY = "hot"
@@ -84,26 +84,15 @@ def _run_processes(
         worker.start()
     try:
         for _ in range(PROCESSES):
-            _expect(ready, "ready", 120.0)
+            expect(ready, "ready", 120.0, "handoff")
         start.set()
-        found = dict(_expect(ready, "done", seconds + 60.0) for _ in range(PROCESSES))
+        found = dict(expect(ready, "done", seconds + 60.0, "handoff") for _ in range(PROCESSES))
     finally:
         for worker in workers:
             worker.join(30)
             if worker.is_alive():
                 worker.kill()
     return found
-
-
-def _expect(ready: Queue[Any], what: str, timeout: float) -> tuple[int, Any]:
-    """The next ``(pid, payload)`` a child sent, which must be ``what``."""
-    try:
-        kind, pid, payload = ready.get(timeout=timeout)
-    except queue.Empty:
-        raise AssertionError(f"handoff: no child process said {what!r} in {timeout:g} s") from None
-    if kind != what:
-        raise AssertionError(f"handoff: child {pid} failed: {payload}")
-    return pid, payload
 
 
 def _p99(values: list[float]) -> float:
