@@ -250,17 +250,7 @@ class Loader:
             started = time.monotonic()
             token, loaded = self._try_acquire(key, dead, read)
             if token is not None:
-                if asked and dead is None:
-                    core.stats.add("handoffs_in")  # given up by a live holder we asked
-                if dead is not None:
-                    core.log(
-                        logging.INFO,
-                        key,
-                        "took over from dead holder %s (%s pid %s)",
-                        dead.holder,
-                        dead.host,
-                        dead.pid,
-                    )
+                self._won(key, dead, asked=bool(asked))
                 return token, started, loaded
             dead = None
             holder = core.repo.lease_info(key)
@@ -280,16 +270,31 @@ class Loader:
                         core.repo.request_handoff(holder.holder, key, since)
             delay = backoff.next_delay()
             if delay is None:
-                where = (
-                    f" by {holder.host} pid {holder.pid} until {holder.expires_at}"
-                    if holder
-                    else ""
-                )
-                raise LockUnavailableError(
-                    f"{core.describe(key)} is held{where}; "
-                    f"gave up after lock_timeout={config.lock_timeout}s"
-                )
+                raise self._unavailable(key, holder)
             wakeup.wait(delay)  # a NOTIFY that the key is free, or a cancel, wakes it
+
+    def _won(self, key: str, dead: LeaseInfo | None, *, asked: bool) -> None:
+        """The lease is ours: count a handoff in, or log the takeover of ``dead``."""
+        core = self._core
+        if asked and dead is None:
+            core.stats.add("handoffs_in")  # given up by a live holder we asked
+        if dead is not None:
+            core.log(
+                logging.INFO,
+                key,
+                "took over from dead holder %s (%s pid %s)",
+                dead.holder,
+                dead.host,
+                dead.pid,
+            )
+
+    def _unavailable(self, key: str, holder: LeaseInfo | None) -> LockUnavailableError:
+        core = self._core
+        where = f" by {holder.host} pid {holder.pid} until {holder.expires_at}" if holder else ""
+        return LockUnavailableError(
+            f"{core.describe(key)} is held{where}; "
+            f"gave up after lock_timeout={core.config.lock_timeout}s"
+        )
 
     def _try_acquire(
         self, key: str, dead: LeaseInfo | None, read: bool
