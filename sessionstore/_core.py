@@ -213,6 +213,7 @@ class StoreCore:
                     pass  # another thread's final save: done, or the key is LIVE again
         errors = self.saver.unload_all(self.table.entries(*KeyState))
         self.table.clear()
+        self._release_unclaimed()
         self.lane.stop(timeout=30.0)
         if self.control is not None:
             self.control.stop()
@@ -223,6 +224,13 @@ class StoreCore:
                 + ", ".join(sorted(errors)[:10]),
                 errors,
             )
+
+    def _release_unclaimed(self) -> None:
+        """Leases handed to us that no load here will take now: free them for the askers."""
+        try:
+            self.repo.release_unclaimed_all()
+        except Exception as exc:  # they expire within the handover's reserve anyway
+            self.log(logging.WARNING, None, "releasing unclaimed leases failed: %s", exc)
 
     def _stop_threads(self) -> None:
         if self.scheduler is not None:

@@ -330,3 +330,21 @@ def test_an_unload_that_fails_drops_the_promise_made_during_it() -> None:
     assert table.want(entry, "a" * 36, 5)
     table.end_unload(entry, done=False)
     assert entry.state is KeyState.LIVE and entry.wanted_by is None
+
+
+def test_close_frees_a_lease_handed_over_to_it_that_it_never_took(
+    make_store: MakeStore, sql: Sql
+) -> None:
+    """A handover that lands while the asker closes (its load cancelled) is freed
+    by the close for the next asker, not left until its reserve runs out.
+
+    Found by a gunicorn graceful stop on Citus: a lease row was left behind."""
+    holder = make_store()
+    asker = make_store()
+    holder.load("k")
+    token = sql.lease("k").token
+    assert holder._core.repo.hand_over("k", token, asker.holder, 3600.0)
+    assert sql.lease("k").holder == asker.holder  # reserved for the asker, never taken
+    holder.close()  # the key is gone from the holder, not its lease row
+    asker.close()
+    assert sql.lease("k") is None

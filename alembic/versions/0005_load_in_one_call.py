@@ -150,7 +150,31 @@ def _has_citus() -> bool:
     return bool(found.scalar())
 
 
-FUNCTIONS = (("lease_acquire_read", _ACQUIRE_READ_ARGS),)
+# At close(): every lease handed over to this holder that it never took (its
+# load was cancelled by the close), released for the askers at once rather
+# than left to expire.
+_UNCLAIMED = """
+CREATE FUNCTION {s}.lease_release_unclaimed_all(p_store text, p_holder uuid, p_channel text)
+RETURNS SETOF text
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_key text;
+BEGIN
+    FOR v_key IN
+        DELETE FROM {s}.locks l WHERE l.store = p_store AND l.holder = p_holder AND l.pid = 0
+        RETURNING l.key
+    LOOP
+        PERFORM pg_notify(p_channel, v_key);
+        RETURN NEXT v_key;
+    END LOOP;
+END $$;
+"""
+
+FUNCTIONS = (
+    ("lease_acquire_read", _ACQUIRE_READ_ARGS),
+    ("lease_release_unclaimed_all", "text, uuid, text"),
+)
 """The functions this revision adds, with their argument types."""
 
 
@@ -158,9 +182,11 @@ def upgrade() -> None:
     s = f'"{_schema()}"'
     op.execute(_acquire(s, _ASYNC))
     op.execute(_acquire_read(s, _has_citus()))
+    op.execute(_UNCLAIMED.format(s=s))
 
 
 def downgrade() -> None:
     s = f'"{_schema()}"'
-    op.execute(f"DROP FUNCTION {s}.lease_acquire_read({_ACQUIRE_READ_ARGS})")
+    for name, args in FUNCTIONS:
+        op.execute(f"DROP FUNCTION {s}.{name}({args})")
     op.execute(_acquire(s, ""))

@@ -43,6 +43,7 @@ __all__ = [
     "lease_statements",
     "release",
     "release_unclaimed",
+    "release_unclaimed_all",
     "renew",
     "request_handoff",
 ]
@@ -104,6 +105,9 @@ class LeaseStatements:
         # reservation; taking it sets the taker's pid): let it go.
         self.release_unclaimed = (
             f"SELECT {s}.lease_release_unclaimed(%(store)s, %(key)s, %(holder)s, %(channel)s)"
+        )
+        self.release_unclaimed_all = (
+            f"SELECT * FROM {s}.lease_release_unclaimed_all(%(store)s, %(holder)s, %(channel)s)"
         )
         # A handoff: the lease passes to the holder that asked for it (with a
         # new token and a short expiry, until that holder takes it properly),
@@ -313,6 +317,15 @@ def release_unclaimed(conn: sa.Connection, schema: str, store: str, holder: str,
     }
     with driver_cursor(conn) as cursor:
         cursor.execute(lease_statements(schema).release_unclaimed, params)
+
+
+def release_unclaimed_all(conn: sa.Connection, schema: str, store: str, holder: str) -> int:
+    """Drop every lease handed over to ``holder`` that it never took; how many (revision 0005)."""
+    params = {"store": store, "holder": holder, "channel": free_channel(schema, store)}
+    with driver_cursor(conn) as cursor:
+        return len(
+            cursor.execute(lease_statements(schema).release_unclaimed_all, params).fetchall()
+        )
 
 
 def info(conn: sa.Connection, schema: str, store: str, key: str) -> LeaseInfo | None:

@@ -179,6 +179,12 @@ class Repository:
             lambda c: leases.release_unclaimed(c, self.schema, self.store, self.holder, key),
         )
 
+    def release_unclaimed_all(self) -> int:
+        return self.run(
+            "release unclaimed leases",
+            lambda c: leases.release_unclaimed_all(c, self.schema, self.store, self.holder),
+        )
+
     def hand_over(self, key: str, token: int, to: str, reserve: float) -> bool:
         return self.run(
             "hand over",
