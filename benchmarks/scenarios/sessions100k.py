@@ -23,6 +23,7 @@ from ..results import Figure, Row, Target
 from ._raw import chunks
 from ._saved import save_offline
 from .heartbeat import autocommit_engine, renew_row
+from .memory import threads_row
 
 SIZE = 2048
 BATCH = 5_000
@@ -83,26 +84,6 @@ def _memory_rows(per_session: dict[str, float], size: int, count: int) -> list[R
     ]
 
 
-def _threads_row(bench: Bench, store: ss.Store, count: int) -> Row:
-    """Threads of the Store holding ``count`` keys against the same code holding 100."""
-    few_store = bench.store(player_profile(SIZE))
-    bench.load_many(few_store, (f"few{i}" for i in range(100)))
-    few = bench.threads_of(few_store)
-    few_store.close()
-    many = bench.threads_of(store)
-    return Row(
-        "sessions",
-        f"threads of a Store, {count:,} vs 100 keys",
-        Figure.exact(len(many), "threads"),
-        Figure.exact(len(few), "threads"),
-        "the same Store code holding 100 keys",
-        Figure.exact(len(many) / len(few) if few else float("inf"), "x"),
-        Target("<=", 1.0, "equal"),
-        note=f"threads named after the store: {', '.join(many)}",
-        passed=len(many) == len(few),
-    )
-
-
 def run(bench: Bench) -> list[Row]:
     count = bench.sizes.huge
     document = player_profile(SIZE)
@@ -121,6 +102,6 @@ def run(bench: Bench) -> list[Row]:
     finally:
         engine.dispose()
     rows.insert(0, renew)
-    rows.append(_threads_row(bench, store, count))
+    rows.append(threads_row(bench, store, count))
     store.close()
     return rows
