@@ -58,7 +58,9 @@ def test_lost_leases_and_handoffs(make_store: MakeStore, sql: Sql) -> None:
     a, b = make_store(), make_store(lock_timeout=10.0)
     a.load("k")
     b.load("k")  # a hands it over
-    assert a.stats()["handoffs_out"] == 1 and b.stats()["handoffs_in"] == 1
+    assert b.stats()["handoffs_in"] == 1
+    # a counts its handover after the commit b's load waits for: a moment later
+    wait_until(lambda: a.stats()["handoffs_out"] == 1, 5.0, "a's handoffs_out")
     b.update("k", inc)
     sql.steal("k")
     with pytest.raises(ss.LockLostError):
