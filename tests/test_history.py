@@ -740,7 +740,8 @@ def test_erase_waits_for_a_holder_that_refuses_handoff(
     with pytest.raises(ss.LockUnavailableError):
         eraser.erase(key)
     assert time.monotonic() - started >= 0.9
-    assert asked and set(asked) == {key}
+    wait_until(lambda: asked, 5.0, "on_handoff_request (on the callback lane)")
+    assert set(asked) == {key}
     assert count_rows(sql, sessionstore_schema, store_name, key) == before
     # The holder still has it and can go on saving.
     assert holder.get(key)["coins"] == 3

@@ -269,7 +269,7 @@ def test_refused_handoff_keeps_the_key(make_store: Callable[..., ss.Store], verd
         b.load("k")
     elapsed = time.monotonic() - started
     assert 1.4 <= elapsed < 4.0, elapsed
-    assert "k" in asked
+    wait_until(lambda: "k" in asked, 5.0, "on_handoff_request (on the callback lane)")
     assert lost == []
     assert a.get("k")["coins"] == 5
     a.save("k")
@@ -286,9 +286,10 @@ def test_handoff_decision_is_per_key(make_store: Callable[..., ss.Store]) -> Non
     with pytest.raises(ss.LockUnavailableError):
         b.load("x")
     assert a.get("x") is not None
+    # b's load returns at a's handover commit; a closes the key just after, on its worker.
+    wait_until(lambda: lost == ["y"], 5.0, "on_lock_lost (on the callback lane)")
     with pytest.raises(ss.SessionClosedError):
         a.get("y")
-    wait_until(lambda: lost == ["y"], 5.0, "on_lock_lost (on the callback lane)")
 
 
 # -- 5. network trouble ---------------------------------------------------------------------
