@@ -42,6 +42,7 @@ __all__ = [
     "Heartbeat",
     "NotifyLost",
     "Prune",
+    "ReleaseAgain",
     "SweepMessages",
     "Task",
     "Worker",
@@ -158,6 +159,15 @@ class SweepMessages(_CoreTask):
         core = self.core()
         if core is not None:
             core.messages.sweep()
+
+
+class ReleaseAgain(_CoreTask):
+    """On the worker: release again the leases let go lately (a reconnect; see _leasing)."""
+
+    def __call__(self) -> None:
+        core = self.core()
+        if core is not None:
+            core.leases.release_again()
 
 
 class Prune(_CoreTask):

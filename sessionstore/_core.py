@@ -23,7 +23,15 @@ import sqlalchemy as sa
 
 from . import _process, db
 from . import migrations as migrations_module
-from ._background import Autosave, HandOver, Heartbeat, Prune, SweepMessages, Worker
+from ._background import (
+    Autosave,
+    HandOver,
+    Heartbeat,
+    Prune,
+    ReleaseAgain,
+    SweepMessages,
+    Worker,
+)
 from ._batch import Batches
 from ._durable import GroupCommit
 from ._leasing import Leases
@@ -265,16 +273,20 @@ class StoreCore:
             self.worker.submit(HandOver(self, request))
 
     def on_control_reconnect(self) -> None:
-        """Back after a drop: messages announced meanwhile were not heard; look for them."""
-        if not self.closing and self.config.message_handler is not None:
+        """Back after a drop: messages announced meanwhile were not heard; look for them.
+
+        A drop may be a server restart, which may have lost the last lease
+        releases: they are done again.
+        """
+        if self.closing:
+            return
+        self.worker.submit(ReleaseAgain(self))
+        if self.config.message_handler is not None:
             self.worker.submit(SweepMessages(self))
 
     def release_quietly(self, leases: list[tuple[str, int]]) -> None:
         """Release leases on a path that must not raise (they expire on their own)."""
-        try:
-            self.repo.release(leases)
-        except Exception as exc:
-            self.log(logging.WARNING, None, "releasing %d leases failed: %s", len(leases), exc)
+        self.leases.release(leases)
 
     # -- changed callbacks (the caller's thread: they may use the store) ---------
 

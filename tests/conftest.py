@@ -278,6 +278,29 @@ def own_engine(
         engine.dispose()
 
 
+HOLDER_LOCK = """
+SELECT a.pid FROM pg_locks pl JOIN pg_stat_activity a ON a.pid = pl.pid
+WHERE pl.locktype = 'advisory' AND pl.granted AND pl.objsubid = 2
+  AND pl.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND pl.classid = (hashtext('sessionstore.holder')::bigint & 4294967295)::oid
+  AND pl.objid = (hashtext(:holder)::bigint & 4294967295)::oid
+  AND a.application_name = 'sessionstore-control'
+"""
+"""The backend of a holder's control connection: the one holding its liveness lock
+(a Store with ``instant_takeover``)."""
+
+
+def terminate_control(sql: Sql, holder: str) -> None:
+    """Cut a Store's control connection (``instant_takeover`` on) and wait until it is back."""
+    old = wait_until(lambda: sql.scalar(HOLDER_LOCK, holder=holder), 5.0, "the liveness lock")
+    assert sql.scalar("SELECT pg_terminate_backend(:pid)", pid=old)
+    wait_until(
+        lambda: sql.scalar(HOLDER_LOCK, holder=holder) not in (None, old),
+        10.0,
+        "the control connection to come back",
+    )
+
+
 def terminate_app(sql: Sql, app: str) -> None:
     """Terminate every backend of ``app`` (an application_name) and wait until they are gone."""
     killed = sql.scalar(

@@ -172,7 +172,8 @@ def test_scripts_are_shipped() -> None:
     assert (location / "versions" / "0002_requests_messages.py").is_file()
     assert (location / "versions" / "0004_server_functions.py").is_file()
     assert (location / "versions" / "0005_load_in_one_call.py").is_file()
-    assert db.head_revision() == "0005"
+    assert (location / "versions" / "0006_releases_without_flush.py").is_file()
+    assert db.head_revision() == "0006"
 
 
 def test_alembic_folder_does_not_shadow_the_library() -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import Sql, in_thread, on_citus, terminate_app, wait_until
+from conftest import Sql, in_thread, on_citus, terminate_app, terminate_control, wait_until
 
 import sessionstore as ss
 
@@ -738,3 +738,56 @@ def test_a_load_takes_the_lease_and_reads_in_one_statement(
     assert store.get("k") == {"coins": 7}
     assert store.update("k", set_coins(8), idempotency_key="rcpt-1") is False
     wait_until(lambda: gifts == [{"gift": 1}], 10.0, "the waiting message to be delivered")
+
+
+# -- releases without the flush (revision 0006) -------------------------------------------
+
+
+def test_a_release_commits_without_waiting_for_the_flush(make_store: MakeStore, sql: Sql) -> None:
+    """Revision 0006: without a synchronous standby (and not on Citus) the
+    release's transaction commits with synchronous_commit off."""
+    a = make_store()
+    a.load("k")
+    token = sql.lease("k").token
+    with sql.engine.begin() as conn:
+        released = conn.execute(
+            sql.text(
+                "SELECT {s}.lease_release_one_async(:store, CAST(:holder AS uuid), :key, "
+                ":token, 'unused')"
+            ),
+            {"store": sql.store, "holder": a.holder, "key": "k", "token": token},
+        ).scalar()
+        setting = conn.execute(sa.text("SHOW synchronous_commit")).scalar()
+    assert released is True and sql.lease("k") is None
+    assert setting == ("on" if on_citus(sql.engine) else "off")
+
+
+def test_releases_lost_in_a_crash_are_done_again_when_the_control_connection_is_back(
+    make_store: MakeStore, sql: Sql
+) -> None:
+    """A crash may lose the last releases (their commits did not wait for the
+    flush): the store releases them again, by key and token, once its control
+    connection reconnects; a key taken again since keeps its new lease."""
+    a = make_store(instant_takeover=True)
+    a.load("lost")
+    a.load("again")
+    lost = sql.lease("lost")
+    a.unload("lost")
+    a.unload("again")
+    a.load("again")  # a new token: the release of the old one must not touch it
+    # What a crash that lost the release of "lost" leaves: its row, as it was.
+    sql.execute(
+        "INSERT INTO {s}.locks (store, key, holder, token, acquired_at, expires_at, host, pid, "
+        "liveness) VALUES (:store, 'lost', CAST(:holder AS uuid), :token, now(), "
+        "now() + interval '1 hour', 'h', 1, false)",
+        holder=lost.holder,
+        token=lost.token,
+    )
+    terminate_control(sql, a.holder)
+    wait_until(lambda: sql.lease("lost") is None, 10.0, "the lost release to be done again")
+    assert sql.lease("again").holder == a.holder
+    assert a.update("again", set_coins(3))
+    a.save("again")
+    b = make_store(lock_timeout=1.0)
+    b.load("lost")
+    assert b.get("lost")["coins"] == 0

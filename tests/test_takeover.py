@@ -19,19 +19,10 @@ from typing import Any
 import psycopg
 import pytest
 from chaos_worker import Child
-from conftest import FAST, in_thread, wait_until
+from conftest import FAST, HOLDER_LOCK, in_thread, wait_until
 
 import sessionstore as ss
 from sessionstore import db
-
-HOLDER_LOCK = """
-SELECT a.pid FROM pg_locks pl JOIN pg_stat_activity a ON a.pid = pl.pid
-WHERE pl.locktype = 'advisory' AND pl.granted AND pl.objsubid = 2
-  AND pl.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND pl.classid = (hashtext('sessionstore.holder')::bigint & 4294967295)::oid
-  AND pl.objid = (hashtext(%s)::bigint & 4294967295)::oid
-  AND a.application_name = 'sessionstore-control'
-"""
 
 
 @pytest.fixture
@@ -78,7 +69,7 @@ def lease_row(sql: Callable[..., list[tuple[Any, ...]]], schema: str, store: str
 
 
 def control_pid(sql: Callable[..., list[tuple[Any, ...]]], holder: str) -> int | None:
-    rows = sql(HOLDER_LOCK, holder)
+    rows = sql(HOLDER_LOCK.replace(":holder", "%s"), holder)
     return rows[0][0] if rows else None
 
 

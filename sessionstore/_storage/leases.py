@@ -93,12 +93,15 @@ class LeaseStatements:
             "%(lock_timeout)s)"
         )
         # Release the given leases (ones already lost are skipped); each
-        # released key is announced to waiters.
+        # released key is announced to waiters. Committed without waiting
+        # for the WAL flush (revision 0006): see StoreCore.release_quietly.
         self.release_one = (
-            f"SELECT {s}.lease_release_one(%(store)s, %(holder)s, %(key)s, %(token)s, %(channel)s)"
+            f"SELECT {s}.lease_release_one_async(%(store)s, %(holder)s, %(key)s, %(token)s, "
+            "%(channel)s)"
         )
         self.release = (
-            f"SELECT * FROM {s}.lease_release(%(store)s, %(holder)s, CAST(%(keys)s AS text[]), "
+            f"SELECT * FROM {s}.lease_release_async(%(store)s, %(holder)s, "
+            "CAST(%(keys)s AS text[]), "
             "CAST(%(tokens)s AS bigint[]), %(channel)s) AS key"
         )
         # A lease handed to this holder that it never took (pid 0 marks the
