@@ -162,12 +162,18 @@ class SweepMessages(_CoreTask):
 
 
 class ReleaseAgain(_CoreTask):
-    """On the worker: release again the leases let go lately (a reconnect; see _leasing)."""
+    """On the worker: release again the leases let go before a drop (see _leasing)."""
+
+    __slots__ = ("dropped_at",)
+
+    def __init__(self, core: StoreCore, dropped_at: float) -> None:
+        super().__init__(core)
+        self.dropped_at = dropped_at
 
     def __call__(self) -> None:
         core = self.core()
         if core is not None:
-            core.leases.release_again()
+            core.leases.release_again(self.dropped_at)
 
 
 class Prune(_CoreTask):

@@ -272,15 +272,15 @@ class StoreCore:
         if request is not None and not self.closing:
             self.worker.submit(HandOver(self, request))
 
-    def on_control_reconnect(self) -> None:
+    def on_control_reconnect(self, dropped_at: float) -> None:
         """Back after a drop: messages announced meanwhile were not heard; look for them.
 
-        A drop may be a server restart, which may have lost the last lease
-        releases: they are done again.
+        A drop may be a server restart, which may have lost the lease
+        releases of the moments before ``dropped_at``: they are done again.
         """
         if self.closing:
             return
-        self.worker.submit(ReleaseAgain(self))
+        self.worker.submit(ReleaseAgain(self, dropped_at))
         if self.config.message_handler is not None:
             self.worker.submit(SweepMessages(self))
 

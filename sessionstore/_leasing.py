@@ -8,9 +8,9 @@ which closes the registry entry and tells the application on the callback
 lane (``on_lock_lost``), never on the heartbeat's thread.
 
 Also the leases let go lately: a release commits without waiting for the
-WAL flush (revision 0006), so a server crash can lose the last ones; they
-are released again, by key and token, when the control connection comes
-back (:meth:`Leases.release_again`).
+WAL flush (revision 0006), so a server crash can lose the last ones; when
+the control connection comes back, this holder's rows of those keys that
+nothing here uses are deleted (:meth:`Leases.release_again`).
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ if TYPE_CHECKING:
 __all__ = ["Leases"]
 
 RELEASED_WINDOW = 10.0
-"""Seconds of releases done again after a reconnect. A crash loses at most
-the asynchronous commits of its last 3 x ``wal_writer_delay`` (200 ms by
-default); the window also covers a server that takes seconds to go down."""
+"""Seconds before a drop whose releases are done again after the reconnect. A
+crash loses at most the asynchronous commits of its last 3 x
+``wal_writer_delay`` (200 ms by default); the window also covers a server
+that takes seconds to go down, or a drop seen late."""
 
 _RELEASED_MAX = 100_000
 """At most this many recent releases are kept (at a higher rate the window shrinks)."""
@@ -44,7 +45,7 @@ class Leases:
 
     def __init__(self, core: StoreCore) -> None:
         self._core = core
-        self._released: collections.deque[tuple[float, str, int]] = collections.deque(
+        self._released: collections.deque[tuple[float, str]] = collections.deque(
             maxlen=_RELEASED_MAX
         )
         self._released_lock = threading.Lock()
@@ -52,41 +53,52 @@ class Leases:
     def release(self, leases: Sequence[tuple[str, int]]) -> None:
         """Release ``leases`` (on a path that must not raise: they expire on their own).
 
-        Each is remembered for :data:`RELEASED_WINDOW` seconds, for
-        :meth:`release_again`.
+        Each key is remembered for :data:`RELEASED_WINDOW` seconds (and
+        while the control connection is down), for :meth:`release_again`.
         """
+        core = self._core
         now = time.monotonic()
+        down = core.control.down_since if core.control is not None else None
+        since = now - RELEASED_WINDOW if down is None else min(now, down) - RELEASED_WINDOW
         with self._released_lock:
-            self._forget_before(now - RELEASED_WINDOW)
-            self._released.extend((now, key, token) for key, token in leases)
-        self._release(leases)
+            self._forget_before(since)
+            self._released.extend((now, key) for key, _ in leases)
+        try:
+            core.repo.release(leases)
+        except Exception as exc:
+            core.log(logging.WARNING, None, "releasing %d leases failed: %s", len(leases), exc)
 
-    def release_again(self) -> None:
-        """The control connection is back: release once more what was let go lately.
+    def release_again(self, dropped_at: float) -> None:
+        """The control connection is back: the releases before ``dropped_at``, once more.
 
-        A server crash may have lost those releases (their commits did not
-        wait for the flush): the rows would stay, under this holder, until
-        they expire. By key and token, so a lease taken again since (a new
-        token) is not touched; a release that did land finds nothing.
+        A server crash may have lost them (their commits did not wait for
+        the flush): the rows would stay, under this holder, until they
+        expire. Not by token (a crash can issue a token again, even to this
+        holder): each key is claimed here first, so that no load of it runs,
+        and then any row of this holder for it is stale and goes. A key in
+        use here (loaded again, loading) is left alone.
         """
+        core = self._core
         with self._released_lock:
-            self._forget_before(time.monotonic() - RELEASED_WINDOW)
-            recent = {key: token for _, key, token in self._released}
-        if recent:
-            self._core.log(logging.INFO, None, "releasing %d recent leases again", len(recent))
-            self._release(sorted(recent.items()))
+            self._forget_before(dropped_at - RELEASED_WINDOW)
+            keys = sorted({key for _, key in self._released})
+        claimed = [entry for key in keys if (entry := core.table.try_claim(key)) is not None]
+        if not claimed:
+            return
+        try:
+            gone = core.repo.release_stale([entry.key for entry in claimed])
+            if gone:
+                core.log(logging.WARNING, None, "released %d leases a crash had kept", gone)
+        except Exception as exc:
+            core.log(logging.WARNING, None, "releasing stale leases failed: %s", exc)
+        finally:
+            for entry in claimed:
+                core.table.fail_load(entry, None)  # waiting loads start afresh
 
     def _forget_before(self, since: float) -> None:
         released = self._released
         while released and released[0][0] < since:
             released.popleft()
-
-    def _release(self, leases: Sequence[tuple[str, int]]) -> None:
-        core = self._core
-        try:
-            core.repo.release(leases)
-        except Exception as exc:
-            core.log(logging.WARNING, None, "releasing %d leases failed: %s", len(leases), exc)
 
     def heartbeat(self) -> None:
         """Renew every lease; close the sessions whose lease is gone (scheduler thread)."""

@@ -58,7 +58,8 @@ class ControlConnection:
 
     ``listeners`` maps a channel to a callable taking the payload; it runs on
     this thread and must return at once (hand the work to another thread), as
-    must ``on_reconnect``, called when the connection is back after a drop.
+    must ``on_reconnect``, called when the connection is back after a drop
+    with the ``time.monotonic()`` at which the drop was seen.
     """
 
     def __init__(
@@ -69,7 +70,7 @@ class ControlConnection:
         listeners: Mapping[str, Callable[[str], None]],
         *,
         liveness: bool,
-        on_reconnect: Callable[[], None] | None = None,
+        on_reconnect: Callable[[float], None] | None = None,
         reconnect_delay: float = 0.05,
         log_extra: Mapping[str, object] | None = None,
     ) -> None:
@@ -79,6 +80,8 @@ class ControlConnection:
         self._liveness = liveness
         self._on_reconnect = on_reconnect
         self._connected_before = False
+        self.down_since: float | None = None
+        """When the connection was seen to drop (``time.monotonic()``); None while it is up."""
         self._log_extra = log_extra
         self._reconnect_delay = reconnect_delay
         self._stopped = threading.Event()
@@ -117,8 +120,10 @@ class ControlConnection:
         for channel in self._listeners:
             conn.execute(listen(channel))
         self._ready.set()
+        dropped, self.down_since = self.down_since, None
         if self._connected_before and self._on_reconnect is not None:
-            self._on_reconnect()  # notifications sent while it was away are lost
+            # Notifications sent while it was away are lost.
+            self._on_reconnect(dropped if dropped is not None else time.monotonic())
         self._connected_before = True
         while not self._stopped.is_set():
             for notify in conn.notifies(timeout=0.1):
@@ -145,6 +150,8 @@ class ControlConnection:
                 if self._stopped.is_set():
                     break
                 self._ready.clear()
+                if self._connected_before and self.down_since is None:
+                    self.down_since = time.monotonic()
                 logger.warning(
                     "%s: control connection lost, reconnecting: %s",
                     self._thread.name,

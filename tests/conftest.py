@@ -293,7 +293,7 @@ WHERE pl.locktype = 'advisory' AND pl.granted AND pl.objsubid = 2
 def terminate_control(sql: Sql, holder: str) -> None:
     """Cut a Store's control connection (``instant_takeover`` on) and wait until it is back."""
     old = wait_until(lambda: sql.scalar(HOLDER_LOCK, holder=holder), 5.0, "the liveness lock")
-    assert sql.scalar("SELECT pg_terminate_backend(:pid)", pid=old)
+    assert sql.scalar("SELECT pg_terminate_backend(CAST(:pid AS integer))", pid=old)
     wait_until(
         lambda: sql.scalar(HOLDER_LOCK, holder=holder) not in (None, old),
         10.0,

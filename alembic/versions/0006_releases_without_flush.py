@@ -14,13 +14,19 @@ call through).
 A release comes after the key's final save, which committed synchronously:
 no data depends on it. What a crash can lose is the release itself (the
 last few hundred milliseconds of asynchronous commits): the lease row
-stays, under the holder's id and the token it had. The holder is alive and
-no longer holds the key, so nothing renews the row; the store re-releases
-every lease it released in the last seconds when its control connection
-comes back after a drop (a server restart drops it), by key and token, so
-a lease taken again since is untouched (docs/concepts.md, "Fencing tokens and fenced writes"). What
-the holder gains is the flush wait on every unload (a release of one key:
-164 us against 396 us, measured).
+stays, under the holder's id. The holder is alive and no longer holds the
+key, so nothing renews the row. ``lease_release_stale`` deletes a holder's
+rows of the given keys whatever their tokens (a crash may issue a token
+again): a Store calls it, when its control connection comes back after a
+drop (a server restart drops it), for the keys it released in the seconds
+before the drop that it does not use now, claimed in its registry first
+(docs/concepts.md, "Fencing tokens and fenced writes"). What the holder
+gains is the flush wait on every unload (a release of one key: 164 us
+against 396 us, measured).
+
+Deploy code that calls these functions only after this upgrade, and
+downgrade only after the code that calls them is gone: a release that
+finds no function fails (logged) and its leases wait to expire.
 """
 
 from __future__ import annotations
@@ -47,7 +53,8 @@ def _schema() -> str:
 
 
 # Revision 0005's condition, as it was then (a revision does not change under
-# its successors): asynchronous only without a synchronous standby.
+# its successors): asynchronous only without a synchronous standby. Its
+# Citus line is left out: on Citus these wrappers keep the server's setting.
 _ASYNC = """IF current_setting('synchronous_standby_names') = '' THEN
         SET LOCAL synchronous_commit = off;
     END IF;"""
@@ -73,6 +80,23 @@ BEGIN
     {commit}
     RETURN QUERY SELECT * FROM {s}.lease_release(p_store, p_holder, p_keys, p_tokens, p_channel);
 END $$;
+
+CREATE FUNCTION {s}.lease_release_stale(p_store text, p_holder uuid, p_keys text[], p_channel text)
+RETURNS SETOF text
+LANGUAGE plpgsql SET plan_cache_mode = force_custom_plan AS $$
+#variable_conflict use_column
+DECLARE
+    v_gone text[];
+BEGIN
+    SET LOCAL citus.enable_deadlock_prevention = off;
+    WITH gone AS (
+        DELETE FROM {s}.locks l
+        WHERE l.store = p_store AND l.holder = p_holder AND l.key = ANY(p_keys)
+        RETURNING l.key
+    ) SELECT array_agg(gone.key) INTO v_gone FROM gone;
+    PERFORM pg_notify(p_channel, k) FROM unnest(v_gone) AS k;
+    RETURN QUERY SELECT unnest(v_gone);
+END $$;
 """
 
 
@@ -86,6 +110,7 @@ def _has_citus() -> bool:
 FUNCTIONS = (
     ("lease_release_one_async", _RELEASE_ONE_ARGS),
     ("lease_release_async", _RELEASE_ARGS),
+    ("lease_release_stale", "text, uuid, text[], text"),
 )
 """The functions this revision adds, with their argument types."""
 

@@ -585,18 +585,26 @@ def read_for_load(
     One statement, and for a sharded version one more that streams its
     shards a row at a time: the caller holds the lease, so the newest
     version stays (the janitor keeps it; an erase or a restore needs the
-    lease). Streamed rows arrive at the socket's speed; one array of MBs in
-    one result took 3-5x as long (14 MB: 29-52 ms against 9 ms).
+    lease) unless the lease is lost in between. Streamed rows arrive at the
+    socket's speed; one array of MBs in one result took 3-5x as long (14 MB:
+    29-52 ms against 9 ms).
     """
     sql = statements(schema)
+    params = {"store": store, "key": key, "retention": retention}
     with driver_cursor(conn, binary=True) as cursor:
-        params = {"store": store, "key": key, "retention": retention}
-        row = cursor.execute(sql.read_for_load, params).fetchone()
-        assert row is not None, "the statement always returns one row"
-        shards = None
-        if row.version is not None and row.shard_count:
+        for _ in range(2):
+            row = cursor.execute(sql.read_for_load, params).fetchone()
+            assert row is not None, "the statement always returns one row"
+            shards = None
+            if row.version is None or not row.shard_count:
+                break
             where = {"store": store, "key": key, "version": row.version}
             shards = [data for (data,) in cursor.stream(sql.read_shards, where)]
+            if len(shards) == row.shard_count:
+                break
+            # Shards missing: the version may have gone in between (the lease
+            # lost meanwhile, and its new holder erased the key). Read once
+            # more; still missing is damage, which decode_file reports.
     return _loaded(row, store, key, shards)
 
 

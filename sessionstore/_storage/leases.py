@@ -42,6 +42,7 @@ __all__ = [
     "info",
     "lease_statements",
     "release",
+    "release_stale",
     "release_unclaimed",
     "release_unclaimed_all",
     "renew",
@@ -103,6 +104,11 @@ class LeaseStatements:
             f"SELECT * FROM {s}.lease_release_async(%(store)s, %(holder)s, "
             "CAST(%(keys)s AS text[]), "
             "CAST(%(tokens)s AS bigint[]), %(channel)s) AS key"
+        )
+        # This holder's rows of the given keys, whatever their tokens (revision 0006).
+        self.release_stale = (
+            f"SELECT * FROM {s}.lease_release_stale(%(store)s, %(holder)s, "
+            "CAST(%(keys)s AS text[]), %(channel)s) AS key"
         )
         # A lease handed to this holder that it never took (pid 0 marks the
         # reservation; taking it sets the taker's pid): let it go.
@@ -308,6 +314,25 @@ def hand_over(
     with driver_cursor(conn) as cursor:
         row = cursor.execute(lease_statements(schema).hand_over, params).fetchone()
     return bool(row is not None and row[0])
+
+
+def release_stale(
+    conn: sa.Connection, schema: str, store: str, holder: str, keys: Sequence[str]
+) -> int:
+    """Drop every lease row of ``holder`` for ``keys``, whatever its token; how many.
+
+    Revision 0006. Only for keys the caller has claimed in its registry (no
+    load of them runs): any such row is one it released and a crash kept.
+    """
+    params = {
+        "store": store,
+        "holder": holder,
+        "keys": list(keys),
+        "channel": free_channel(schema, store),
+    }
+    with driver_cursor(conn) as cursor:
+        found = cursor.execute(lease_statements(schema).release_stale, params, prepare=False)
+        return len(found.fetchall())
 
 
 def release_unclaimed(conn: sa.Connection, schema: str, store: str, holder: str, key: str) -> None:

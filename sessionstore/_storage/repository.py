@@ -173,6 +173,12 @@ class Repository:
                 lambda c: leases.release(c, self.schema, self.store, self.holder, held),
             )
 
+    def release_stale(self, keys: Sequence[str]) -> int:
+        return self.run(
+            "release stale leases",
+            lambda c: leases.release_stale(c, self.schema, self.store, self.holder, keys),
+        )
+
     def release_unclaimed(self, key: str) -> None:
         self.run(
             "release unclaimed lease",
