@@ -86,16 +86,16 @@ RETURNS SETOF text
 LANGUAGE plpgsql SET plan_cache_mode = force_custom_plan AS $$
 #variable_conflict use_column
 DECLARE
-    v_gone text[];
+    v_keys text[];
+    v_tokens bigint[];
 BEGIN
-    SET LOCAL citus.enable_deadlock_prevention = off;
-    WITH gone AS (
-        DELETE FROM {s}.locks l
-        WHERE l.store = p_store AND l.holder = p_holder AND l.key = ANY(p_keys)
-        RETURNING l.key
-    ) SELECT array_agg(gone.key) INTO v_gone FROM gone;
-    PERFORM pg_notify(p_channel, k) FROM unnest(v_gone) AS k;
-    RETURN QUERY SELECT unnest(v_gone);
+    -- Whatever their tokens: this holder's rows of p_keys, released as lease_release does.
+    SELECT array_agg(l.key), array_agg(l.token) INTO v_keys, v_tokens
+    FROM {s}.locks l WHERE l.store = p_store AND l.holder = p_holder AND l.key = ANY(p_keys);
+    IF v_keys IS NOT NULL THEN
+        RETURN QUERY
+            SELECT * FROM {s}.lease_release(p_store, p_holder, v_keys, v_tokens, p_channel);
+    END IF;
 END $$;
 """
 
