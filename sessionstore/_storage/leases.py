@@ -93,9 +93,12 @@ class LeaseStatements:
             "CAST(%(keys)s AS text[]), CAST(%(tokens)s AS bigint[]), %(duration)s, "
             "%(lock_timeout)s)"
         )
+        self._letting_go(s)
+
+    def _letting_go(self, s: str) -> None:
         # Release the given leases (ones already lost are skipped); each
         # released key is announced to waiters. Committed without waiting
-        # for the WAL flush (revision 0006): see StoreCore.release_quietly.
+        # for the WAL flush (revision 0006): see _leasing.Leases.
         self.release_one = (
             f"SELECT {s}.lease_release_one_async(%(store)s, %(holder)s, %(key)s, %(token)s, "
             "%(channel)s)"
