@@ -402,7 +402,7 @@ def test_control_dsn_on_the_same_server(
     assert control_pid(sql, a.holder) is not None
     a.load("k")
     a.update("k", lambda d: d.update(coins=3) or True)
-    b = make_store(control_dsn=sessionstore_dsn, lock_timeout=5.0)
+    b = make_store(control_dsn=sessionstore_dsn, lock_timeout=5.0, takeover_grace=1.0)
     b.load("k")  # handoff through the control connection's LISTEN
     assert b.get("k")["coins"] == 3
     wait_until(lambda: lost == ["k"], 2.0, "on_lock_lost")
